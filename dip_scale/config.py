@@ -1,0 +1,500 @@
+"""Typed experiment configuration: one YAML per run, dotlist overrides, strict validation.
+
+Every key of the experiment YAML is a field of a dataclass below. `load_config` rejects unknown
+keys (with a did-you-mean), values outside an enum (listing the valid choices) and wrong types,
+and checks cross-field constraints, all before torch or any other heavy module is imported:
+a bad config fails in well under a second with one readable message per problem.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import sys
+import types
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from dip_scale.models.presets import PRESETS, resolve_trunk
+
+HeadType = Literal["conv_unet", "mlp", "coord_mlp", "patch_attention", "none"]
+Placement = Literal["post_hoc", "intermediate", "hybrid"]
+ShuffleAlgo = Literal["py1e", "py1br", "py1b", "py1s", "py2s", "naive"]
+
+_TIME_RE = re.compile(r"^\d+(\.\d+)?(ep|ba|sp|tok|dur)$")
+
+
+class ConfigError(ValueError):
+    """A problem with the experiment config, worded for the person who wrote the YAML."""
+
+
+# --------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------
+@dataclass
+class HeadConfig:
+    type: HeadType = "conv_unet"
+    placement: Placement = "post_hoc"
+    # intermediate/hybrid: the head runs after this many trunk blocks (default: half the depth)
+    inject_after: Optional[int] = None
+    # conv_unet: channels of the down path; one 2x max-pool per entry (paper: 64,128,256,512)
+    channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    # conv_unet: how the up path doubles resolution (released code: transposed conv)
+    upsample: Literal["transposed", "interpolate"] = "transposed"
+    # mlp / coord_mlp / patch_attention: hidden width and number of layers (None: per-type default)
+    width: Optional[int] = None
+    depth: Optional[int] = None
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "XL/16"
+    image_size: int = 256
+    num_classes: int = 1000
+    # optional overrides of the preset's trunk (paper Table 2 "scaling up DiT" rows)
+    depth: Optional[int] = None
+    hidden_size: Optional[int] = None
+    num_heads: Optional[int] = None
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+
+@dataclass
+class RepaConfig:
+    enabled: bool = False
+    encoder: Literal["dinov2"] = "dinov2"
+    # local path of the official DINOv2 checkpoint (e.g. dinov2_vitb14_pretrain.pth); never downloaded
+    weights: Optional[str] = None
+    align_block: int = 8  # trunk hidden state after this many blocks is aligned
+    weight: float = 0.5
+    projector_width: Optional[int] = None  # None: the trunk's hidden size
+
+
+@dataclass
+class ObjectiveConfig:
+    time_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+    label_dropout: float = 0.1
+    repa: RepaConfig = field(default_factory=RepaConfig)
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup: str = "0ba"  # linear warm-up, then constant (Composer time string)
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.9999
+
+
+@dataclass
+class DataConfig:
+    remote: str = "data/imagenet-mds"  # local folder or s3://bucket/prefix written by convert_imagenet_mds.py
+    local: Optional[str] = None  # local shard cache (None: a folder under run_dir)
+    split: str = "train"
+    batch_size: int = 256  # global batch, split evenly across ranks
+    num_workers: int = 8
+    shuffle: bool = True
+    shuffle_algo: ShuffleAlgo = "py1e"
+    num_canonical_nodes: Optional[int] = None
+    predownload: Optional[int] = None
+    cache_limit: Optional[str] = None
+    hflip: bool = False  # off, as in the released DiP code
+
+
+@dataclass
+class TrainerConfig:
+    """Arguments passed to composer.Trainer under Composer's own names."""
+
+    max_duration: str = "600ep"
+    save_folder: Optional[str] = None  # local folder or s3://bucket/prefix
+    save_interval: str = "10ep"
+    save_num_checkpoints_to_keep: int = -1
+    autoresume: Optional[bool] = None  # None: on when run_name and save_folder are set
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    device_train_microbatch_size: Optional[int] = None
+    progress_bar: bool = True
+    console_log_interval: str = "100ba"
+
+
+@dataclass
+class SamplerConfig:
+    method: Literal["euler", "heun"] = "euler"
+    steps: int = 100
+    cfg_scale: float = 2.9
+    # t-interval (t=1 noise, t=0 data) where guidance is applied, ends included
+    cfg_interval: list[float] = field(default_factory=lambda: [0.03, 0.89])
+
+
+@dataclass
+class LoggingConfig:
+    metrics_interval: str = "10ba"  # one JSON line per interval in <run_dir>/metrics.jsonl
+    sample_interval: str = "10ep"  # EMA sample grid PNG
+    sample_classes: Optional[list[int]] = None  # None: 8 classes spread evenly over the label range
+    sample_seed: int = 0
+    peak_flops: Optional[float] = None  # per-device peak FLOP/s for MFU (None: no MFU)
+
+
+@dataclass
+class ExperimentConfig:
+    run_name: str = "dip"
+    run_dir: Optional[str] = None  # None: runs/<run_name>
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    # DeepSpeed's own config schema (ZeRO stage, offload, bf16, clipping, ...), checked by
+    # dip_scale.training.deepspeed before the Trainer is built
+    deepspeed: dict[str, Any] = field(
+        default_factory=lambda: {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}
+    )
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def resolved_run_dir(self) -> str:
+        return self.run_dir if self.run_dir is not None else os.path.join("runs", self.run_name)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def load_config(path: Optional[str], overrides: tuple[str, ...] | list[str] = ()) -> ExperimentConfig:
+    """Read `path` (None: all defaults), apply `key.sub=value` overrides, build and validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(path)
+    if overrides:
+        # free-form sections (deepspeed) absent from the YAML start from their defaults, so an
+        # override such as deepspeed.zero_optimization.stage=3 edits them instead of replacing them
+        for f in dataclasses.fields(ExperimentConfig):
+            if get_origin(get_type_hints(ExperimentConfig)[f.name]) is dict and f.name not in raw:
+                raw[f.name] = f.default_factory()
+    for item in overrides:
+        _apply_override(raw, item)
+    errors: list[str] = []
+    cfg = _build(ExperimentConfig, raw, "", errors)
+    if not errors:
+        errors.extend(_cross_checks(cfg))
+    if errors:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid config{where}:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
+    """Build a validated config from an already-parsed mapping (e.g. one stored in a checkpoint)."""
+    errors: list[str] = []
+    cfg = _build(ExperimentConfig, raw, "", errors)
+    if not errors:
+        errors.extend(_cross_checks(cfg))
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def split_argv(argv: list[str]) -> tuple[Optional[str], list[str]]:
+    """`CONFIG.yaml key=value ...` -> (config path, overrides); the path is optional."""
+    if argv and "=" not in argv[0]:
+        return argv[0], list(argv[1:])
+    return None, list(argv)
+
+
+def _read_yaml(path: str, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Parse a YAML mapping; a top-level `base: other.yaml` (relative to this file) is read first
+    and this file's keys are merged over it (mappings merge deeply, other values replace)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}" + (f" (base of {_chain[-1]})" if _chain else ""))
+    if os.path.abspath(path) in _chain:
+        raise ConfigError(f"{path}: `base` chain loops: {' -> '.join(_chain + (os.path.abspath(path),))}")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected the path of another YAML file, got {base!r}")
+    parent = _read_yaml(os.path.join(os.path.dirname(path), base), _chain + (os.path.abspath(path),))
+    return _deep_merge(parent, raw)
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.path=value (e.g. model.head.placement=hybrid)")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r}: empty key segment in {key!r}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} holds a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _suggest(name: str, choices) -> str:
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _type_name(tp) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(map(str, get_args(tp)))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _build(cls, raw: Any, prefix: str, errors: list[str]):
+    if not isinstance(raw, dict):
+        errors.append(f"{prefix.rstrip('.') or '<top level>'}: expected a mapping of keys, got {raw!r}")
+        return cls()
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in hints:
+            errors.append(
+                f"unknown key {prefix + str(key)!r}{_suggest(key, names)}; "
+                f"valid keys here: {', '.join(names)}"
+            )
+    kwargs = {}
+    for name in names:
+        if name in raw:
+            kwargs[name] = _coerce(hints[name], raw[name], prefix + name, errors)
+    return cls(**kwargs)
+
+
+def _coerce(tp, value: Any, key: str, errors: list[str]):
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, key + ".", errors)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(inner[0], value, key, errors)
+        errors.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return None
+    if origin is Literal:
+        choices = get_args(tp)
+        if value in choices and type(value) is type(choices[0]):
+            return value
+        errors.append(
+            f"{key}: {value!r} is not a valid choice; valid choices: "
+            f"{', '.join(map(str, choices))}{_suggest(value, choices)}"
+        )
+        return choices[0]
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            errors.append(f"{key}: expected a {_type_name(tp)}, got {value!r}")
+            return []
+        (item_tp,) = get_args(tp)
+        return [_coerce(item_tp, v, f"{key}[{i}]", errors) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{key}: expected a mapping, got {value!r}")
+            return {}
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        errors.append(f"{key}: expected true or false, got {value!r}")
+        return False
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        errors.append(f"{key}: expected an integer, got {value!r}")
+        return 0
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        errors.append(f"{key}: expected a number, got {value!r}")
+        return 0.0
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        errors.append(f"{key}: expected a string, got {value!r}")
+        return ""
+    raise TypeError(f"unsupported config type {tp} at {key}")  # a schema bug, not a user error
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-field checks
+# --------------------------------------------------------------------------------------------
+def _cross_checks(cfg: ExperimentConfig) -> list[str]:
+    errs: list[str] = []
+    m, h = cfg.model, cfg.model.head
+    if m.preset not in PRESETS:
+        errs.append(
+            f"model.preset: {m.preset!r} is not a valid choice; valid choices: "
+            f"{', '.join(PRESETS)}{_suggest(m.preset, PRESETS)}"
+        )
+        return errs
+    trunk = resolve_trunk(m.preset, depth=m.depth, hidden_size=m.hidden_size, num_heads=m.num_heads)
+    p = trunk.patch_size
+    for name in ("depth", "hidden_size", "num_heads"):
+        v = getattr(m, name)
+        if v is not None and v < 1:
+            errs.append(f"model.{name}: must be >= 1, got {v}")
+    if trunk.hidden_size % trunk.num_heads or (trunk.hidden_size // trunk.num_heads) % 4:
+        errs.append(
+            f"model: hidden_size {trunk.hidden_size} / num_heads {trunk.num_heads} must give a head "
+            "dimension divisible by 4 (2D RoPE rotates pairs along two axes)"
+        )
+    if m.image_size <= 0 or m.image_size % p:
+        errs.append(f"model.image_size: {m.image_size} is not a positive multiple of the patch size {p} ({m.preset})")
+    if m.num_classes < 1:
+        errs.append(f"model.num_classes: must be >= 1, got {m.num_classes}")
+    if h.type == "none" and h.placement != "post_hoc":
+        errs.append(
+            f"model.head.placement: {h.placement!r} needs a detailer head, but model.head.type is 'none' "
+            "(the DiT-only baseline); set model.head.type to conv_unet, mlp, coord_mlp or patch_attention"
+        )
+    if h.placement != "post_hoc" and h.type != "none":
+        k = h.inject_after if h.inject_after is not None else trunk.depth // 2
+        if not 1 <= k <= trunk.depth - 1:
+            errs.append(f"model.head.inject_after: must be in 1..{trunk.depth - 1} for a {trunk.depth}-block trunk, got {k}")
+    if h.type == "conv_unet":
+        if not h.channels or any(c < 1 for c in h.channels):
+            errs.append(f"model.head.channels: expected a non-empty list of positive widths, got {h.channels}")
+        elif p % (2 ** len(h.channels)):
+            errs.append(
+                f"model.head.channels: {len(h.channels)} levels halve a {p}x{p} patch {len(h.channels)} times; "
+                f"the patch size must be divisible by {2 ** len(h.channels)} (use at most "
+                f"{(p & -p).bit_length() - 1} levels)"
+            )
+    for name in ("width", "depth"):
+        v = getattr(h, name)
+        if v is not None and v < 1:
+            errs.append(f"model.head.{name}: must be >= 1, got {v}")
+
+    o = cfg.objective
+    if not 0.0 <= o.label_dropout < 1.0:
+        errs.append(f"objective.label_dropout: must be in [0, 1), got {o.label_dropout}")
+    if o.logit_normal_std <= 0:
+        errs.append(f"objective.logit_normal_std: must be > 0, got {o.logit_normal_std}")
+    r = o.repa
+    if r.enabled:
+        if not r.weights:
+            errs.append("objective.repa.weights: REPA is enabled but no encoder weights file is given (a local path; nothing is downloaded)")
+        elif not os.path.isfile(r.weights):
+            errs.append(f"objective.repa.weights: file not found: {r.weights}")
+        if not 1 <= r.align_block <= trunk.depth:
+            errs.append(f"objective.repa.align_block: must be in 1..{trunk.depth}, got {r.align_block}")
+        if r.weight < 0:
+            errs.append(f"objective.repa.weight: must be >= 0, got {r.weight}")
+
+    opt = cfg.optimizer
+    if opt.lr <= 0:
+        errs.append(f"optimizer.lr: must be > 0, got {opt.lr}")
+    if len(opt.betas) != 2 or not all(0.0 <= b < 1.0 for b in opt.betas):
+        errs.append(f"optimizer.betas: expected two numbers in [0, 1), got {opt.betas}")
+    if opt.weight_decay < 0:
+        errs.append(f"optimizer.weight_decay: must be >= 0, got {opt.weight_decay}")
+    if not 0.0 < cfg.ema.decay < 1.0:
+        errs.append(f"ema.decay: must be in (0, 1), got {cfg.ema.decay}")
+
+    d = cfg.data
+    if d.batch_size < 1:
+        errs.append(f"data.batch_size: must be >= 1, got {d.batch_size}")
+    if d.num_workers < 0:
+        errs.append(f"data.num_workers: must be >= 0, got {d.num_workers}")
+
+    s = cfg.sampler
+    if s.steps < 1:
+        errs.append(f"sampler.steps: must be >= 1, got {s.steps}")
+    if s.cfg_scale < 0:
+        errs.append(f"sampler.cfg_scale: must be >= 0, got {s.cfg_scale}")
+    if len(s.cfg_interval) != 2 or not 0.0 <= s.cfg_interval[0] <= s.cfg_interval[1] <= 1.0:
+        errs.append(f"sampler.cfg_interval: expected [low, high] with 0 <= low <= high <= 1, got {s.cfg_interval}")
+
+    lg = cfg.logging
+    if lg.sample_classes is not None and any(not 0 <= c < m.num_classes for c in lg.sample_classes):
+        errs.append(f"logging.sample_classes: class ids must be in 0..{m.num_classes - 1}, got {lg.sample_classes}")
+
+    for key, value in (
+        ("optimizer.warmup", opt.warmup),
+        ("trainer.max_duration", cfg.trainer.max_duration),
+        ("trainer.save_interval", cfg.trainer.save_interval),
+        ("trainer.console_log_interval", cfg.trainer.console_log_interval),
+        ("logging.metrics_interval", lg.metrics_interval),
+        ("logging.sample_interval", lg.sample_interval),
+    ):
+        if not _TIME_RE.match(value):
+            errs.append(f"{key}: {value!r} is not a Composer time string (e.g. '600ep', '1000ba', '0.1dur')")
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", cfg.run_name):
+        errs.append(f"run_name: {cfg.run_name!r} may hold only letters, digits, '.', '_' and '-'")
+    return errs
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dip_scale.config CONFIG [overrides]`: validate and print the resolved config."""
+    path, overrides = split_argv(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(path, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(to_yaml(cfg), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Train DiP: `composer -n 8 dip_scale/train.py CONFIG.yaml [key.path=value ...]`.
+
+Thin on purpose: load and validate the config (seconds, before any heavy import), then hand
+over to dip_scale.training.run, which builds model, data, optimiser and callbacks and calls
+composer.Trainer.fit(). Works under `composer -n N` and as plain `python dip_scale/train.py`.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dip_scale.config import ConfigError, load_config, split_argv  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    path, overrides = split_argv(sys.argv[1:] if argv is None else argv)
+    if path is None:
+        print("usage: dip_scale/train.py CONFIG.yaml [key.path=value ...]", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(path, overrides)
+    except ConfigError as e:
+        print(f"dip_scale: {e}", file=sys.stderr)
+        return 2
+    from dip_scale.training.run import train  # heavy imports only after the config is known good
+
+    train(cfg)
+    return 0
+
+
+# The guard matters: Composer's remote uploader spawns processes that re-import this file.
+if __name__ == "__main__":
+    sys.exit(main())
