@@ -1,0 +1,117 @@
+"""DiP: a DiT trunk on large pixel patches plus a Patch Detailer Head (paper §3.3, Fig. 5).
+
+Placements: `post_hoc` (head replaces the DiT final layer), `intermediate` (head after block k,
+its refined patch projected back to the token width and added to the stream; the DiT final
+layer still produces the output) and `hybrid` (both). `model.head.type: none` is the DiT-only
+baseline. forward(x_t, t, y) -> prediction of x_t's shape (v = eps - x0, paper Appendix A).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dip_scale.models.blocks import (
+    Block,
+    FinalLayer,
+    LabelEmbedder,
+    TimestepEmbedder,
+    patchify,
+    rope_2d,
+    unpatchify,
+)
+from dip_scale.models.heads import build_head
+from dip_scale.models.presets import TrunkSpec, resolve_trunk
+
+# Modules on the output path; everything else is the trunk (for parameter accounting).
+HEAD_MODULES = ("head", "mid_head", "inject", "final_layer")
+
+
+class DiP(nn.Module):
+    def __init__(self, trunk: TrunkSpec, head_cfg, image_size: int, num_classes: int, in_ch: int = 3):
+        super().__init__()
+        d, p = trunk.hidden_size, trunk.patch_size
+        self.trunk = trunk
+        self.image_size = image_size
+        self.num_classes = num_classes
+        self.patch_size = p
+        patch_dim = in_ch * p * p
+
+        self.x_embed = nn.Linear(patch_dim, d)
+        self.t_embed = TimestepEmbedder(d)
+        self.y_embed = LabelEmbedder(num_classes, d)
+        self.blocks = nn.ModuleList(Block(d, trunk.num_heads, trunk.mlp_ratio) for _ in range(trunk.depth))
+
+        detailed = head_cfg.type != "none"
+        self.inject_after = None
+        if detailed and head_cfg.placement in ("intermediate", "hybrid"):
+            self.inject_after = head_cfg.inject_after or trunk.depth // 2
+            self.mid_head = build_head(head_cfg, d, p)
+            self.inject = nn.Linear(patch_dim, d)
+        if detailed and head_cfg.placement in ("post_hoc", "hybrid"):
+            self.head = build_head(head_cfg, d, p)
+        else:
+            self.final_layer = FinalLayer(d, patch_dim)
+        self._init_weights()
+
+    @classmethod
+    def from_config(cls, cfg) -> "DiP":
+        """Build from a dip_scale.config.ModelConfig."""
+        trunk = resolve_trunk(cfg.preset, depth=cfg.depth, hidden_size=cfg.hidden_size, num_heads=cfg.num_heads)
+        return cls(trunk, cfg.head, cfg.image_size, cfg.num_classes)
+
+    def _init_weights(self) -> None:
+        # DiT recipe on the trunk: xavier linears, small-normal embeddings, adaLN-Zero (every block
+        # starts as the identity) and a zero DiT final layer / zero injection. The detailer heads
+        # keep PyTorch's default init, as in the released code.
+        trunk_modules = [self.x_embed, self.t_embed, self.blocks]
+        trunk_modules += [m for m in (getattr(self, "final_layer", None), getattr(self, "inject", None)) if m is not None]
+        for module in trunk_modules:
+            for m in module.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_uniform_(m.weight)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+        nn.init.normal_(self.y_embed.table.weight, std=0.02)
+        nn.init.normal_(self.t_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embed.mlp[2].weight, std=0.02)
+        zero = [b.adaLN for b in self.blocks]
+        if hasattr(self, "final_layer"):
+            zero += [self.final_layer.adaLN, self.final_layer.linear]
+        if hasattr(self, "inject"):
+            zero.append(self.inject)
+        for m in zero:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def _detail(self, head: nn.Module, patches: torch.Tensor, h: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        """Run a detailer head on every patch; the token enters as silu(t_emb + h) (released code)."""
+        b, n = patches.shape[:2]
+        tokens = F.silu(t_emb[:, None] + h)
+        return head(patches.flatten(0, 1), tokens.flatten(0, 1)).reshape(b, n, -1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, capture: int | None = None):
+        """x: (B,C,H,W) noisy images, t: (B,) in [0,1] (1 = noise), y: (B,) labels (num_classes =
+        null). Returns the velocity prediction, or (prediction, hidden state after `capture`
+        blocks) when `capture` is given (for REPA)."""
+        b, _, hgt, wid = x.shape
+        p = self.patch_size
+        gh, gw = hgt // p, wid // p
+        patches = patchify(x, p)
+        h = self.x_embed(patches.flatten(2))
+        t_emb = self.t_embed(t)
+        c = F.silu(t_emb + self.y_embed(y))
+        rope = rope_2d(self.trunk.hidden_size // self.trunk.num_heads, gh, gw, x.device)
+        captured = None
+        for i, block in enumerate(self.blocks, start=1):
+            h = block(h, c, rope)
+            if i == self.inject_after:
+                h = h + self.inject(self._detail(self.mid_head, patches, h, t_emb))
+            if i == capture:
+                captured = h
+        if hasattr(self, "head"):
+            out = self._detail(self.head, patches, h, t_emb)
+        else:
+            out = self.final_layer(h, c)
+        out = unpatchify(out.view(patches.shape), gh, gw)
+        return out if capture is None else (out, captured)

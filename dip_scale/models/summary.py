@@ -1,0 +1,44 @@
+"""Parameter and compute accounting of a model config, measured on the meta device (shapes
+only, no memory): parameters of the trunk and of the output path (detailer head(s), injection,
+or the DiT final layer), and multiply-accumulates of one forward pass counted by PyTorch's
+FlopCounterMode. Used by tools/model_summary.py and for MFU during training."""
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dip_scale.models import build_model
+from dip_scale.models.dip import HEAD_MODULES
+
+
+def summarize(model_cfg) -> dict:
+    with torch.device("meta"):
+        model = build_model(model_cfg)
+        s = model_cfg.image_size
+        x = torch.empty(1, 3, s, s)
+        t = torch.empty(1)
+        y = torch.zeros(1, dtype=torch.long)
+    params = sum(p.numel() for p in model.parameters())
+    params_head = sum(p.numel() for n, p in model.named_parameters() if n.split(".")[0] in HEAD_MODULES)
+    with FlopCounterMode(display=False) as counter:
+        model(x, t, y)
+    counts = counter.get_flop_counts()
+    total = sum(counts["Global"].values())
+    head = sum(sum(counts.get(f"DiP.{m}", {}).values()) for m in HEAD_MODULES)
+    trunk = model.trunk
+    return {
+        "preset": model_cfg.preset,
+        "head": model_cfg.head.type,
+        "placement": model_cfg.head.placement,
+        "image_size": s,
+        "patch_size": trunk.patch_size,
+        "tokens": (s // trunk.patch_size) ** 2,
+        "depth": trunk.depth,
+        "hidden_size": trunk.hidden_size,
+        "params": params,
+        "params_trunk": params - params_head,
+        "params_head": params_head,
+        "gmacs_per_image": total / 2e9,
+        "gmacs_trunk": (total - head) / 2e9,
+        "gmacs_head": head / 2e9,
+    }
