@@ -1,0 +1,34 @@
+"""The command-line tools run end to end and print what their docs promise."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+from PIL import Image
+
+from conftest import PYTHON, ROOT, env_with_repo_on_path
+
+
+def _run(*args, timeout=600):
+    proc = subprocess.run([PYTHON, *map(str, args)], capture_output=True, text=True, env=env_with_repo_on_path(), timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()
+
+
+def test_overfit_single_image_writes_the_comparison(tmp_path):
+    png = tmp_path / "fig3.png"
+    lines = _run(ROOT / "tools" / "overfit_single_image.py", "--steps", "20", "--size", "32", "--sample-steps", "5", "--out", png)
+    result = json.loads(lines[-1])
+    assert set(result) >= {"psnr_dit_only", "psnr_dip"}
+    assert 0 < result["psnr_dit_only"] < 100 and 0 < result["psnr_dip"] < 100
+    assert result["params_dip"] > result["params_dit_only"]
+    with Image.open(png) as im:
+        assert im.width >= 3 * 32 and im.height >= 32  # original | DiT-only | DiP
+
+
+def test_bench_model_compares_heads_on_one_trunk():
+    lines = _run(ROOT / "tools" / "bench_model.py", "--preset", "tiny/16", "--image-size", "64", "--repeats", "2", "--warmup", "1")
+    result = json.loads(lines[-1])
+    heads = [r["head"] for r in result["rows"]]
+    assert heads == ["none", "conv_unet"] and result["rows"][0]["ratio_vs_first"] == 1.0
+    assert all(r["forward_ms"] > 0 for r in result["rows"])
