@@ -1,19 +1,111 @@
-"""Shared fixtures: the repository root, the venv's python, and tiny model configs."""
+"""Shared fixtures: repository paths, a real S3-compatible HTTP server (moto) on 127.0.0.1,
+the real `composer` launcher, and generated ImageNet-layout data."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable  # the venv interpreter running pytest
+BIN = Path(PYTHON).parent
+
+
+def env_with_repo_on_path(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def load_tool(name: str):
+    """Import tools/<name>.py as a module (the tools folder is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def composer_launch(script, *args, nproc: int = 2, env=None, timeout: int = 600, log_dir=None, extra=()):
+    """Run `composer -n nproc script args` (real launcher, gloo on CPU); every rank's output is
+    kept in log_dir when given."""
+    cmd = [str(BIN / "composer"), "-n", str(nproc), "--master_port", str(free_port()), *extra]
+    if log_dir is not None:
+        cmd += ["--stdout", f"{log_dir}/rank{{rank}}.out", "--stderr", f"{log_dir}/rank{{rank}}.err"]
+    cmd += [str(script), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env or env_with_repo_on_path(), timeout=timeout)
 
 
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server in its own process (so tests can pause it to simulate an outage)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        raise RuntimeError("moto server did not start")
+    yield {"endpoint": endpoint, "proc": proc}
+    proc.kill()
+    proc.wait()
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, request):
+    """A fresh bucket on the moto server, its environment set here and for subprocesses."""
+    env = dict(S3_ENV, S3_ENDPOINT_URL=s3_server["endpoint"], AWS_ENDPOINT_URL=s3_server["endpoint"])
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    import boto3
+
+    bucket = "test-" + request.node.name.lower().replace("_", "-")[:40].strip("-") + f"-{os.getpid()}"
+    bucket = "".join(c for c in bucket if c.isalnum() or c == "-")[:60]
+    client = boto3.client("s3", endpoint_url=s3_server["endpoint"])
+    client.create_bucket(Bucket=bucket)
+    from dip_scale.storage import s3_client
+
+    s3_client.cache_clear()
+    return {"bucket": bucket, "url": f"s3://{bucket}", "env": env, "client": client, "server": s3_server}
+
+
+@pytest.fixture(scope="session")
+def demo_tree(tmp_path_factory) -> dict:
+    """An ImageNet-layout tree with the real train set's oddities (CMYK, PNG named .JPEG,
+    greyscale, truncated) and a flat val/ labelled by LOC_val_solution.csv."""
+    out = tmp_path_factory.mktemp("imagenet")
+    info = load_tool("make_demo_data").make(str(out), classes=4, train_per_class=12, val_per_class=3,
+                                            val_layout="flat-csv", oddities=True, seed=0)
+    return {"root": str(out), **info}
 
 
 @pytest.fixture
@@ -27,9 +119,3 @@ def fake_dinov2_weights(tmp_path) -> str:
     path = tmp_path / "dinov2_tiny.pth"
     torch.save(vit.state_dict(), path)
     return str(path)
-
-
-def env_with_repo_on_path() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env

@@ -1,0 +1,413 @@
+"""ImageNet tree -> MDS shards: parallel, resumable, deterministic (tools/convert_imagenet_mds.py).
+
+The sample list of a split is sorted, shuffled with the seed, and cut into fixed chunks; each
+chunk becomes one MDS partition `<out>/<split>/chunk-NNNNN/` written by one worker process
+(uploaded shard by shard when `--out` is s3://) and sealed by a `done.json` marker written
+after everything else. A rerun skips sealed chunks and rewrites unsealed ones, so a crash costs
+at most the chunks in flight; the output depends on the input, settings and seed only, not on
+the number of workers or on interruptions. The split's `index.json` (streaming's merge of the
+chunk indices, in chunk order) is written only once every chunk is sealed and the counts add up.
+"""
+from __future__ import annotations
+
+import csv
+import ctypes
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+import zlib
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+
+from dip_scale import storage
+from dip_scale.data.imagenet import (
+    COLUMNS,
+    DATASET_FILE,
+    IMAGE_SUFFIXES,
+    REPORT_FILE,
+    DatasetInfo,
+    class_index,
+    encode_image,
+    load_rgb,
+    preprocess,
+)
+
+
+class ConvertError(RuntimeError):
+    """A problem with the input or the output location, worded for the user."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that determines the bytes written (workers and --skip-bad do not)."""
+
+    resolution: int = 256
+    encoding: str = "png"
+    jpeg_quality: int = 95
+    png_compress_level: int = 1
+    seed: int = 0
+    chunk_size: int = 10_000
+    shard_size: str = "64mb"
+    limit_per_class: Optional[int] = None
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str  # absolute source path
+    key: str  # path relative to --src, stored with the sample
+    label: int
+
+
+# ------------------------------------------------------------------------------------ scanning
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def find_wnids(src: str) -> list[str]:
+    """Class folders of train/ (or val/ in folder layout): the class set of the dataset."""
+    for split in ("train", "val"):
+        d = os.path.join(src, split)
+        if os.path.isdir(d):
+            wnids = sorted(e.name for e in os.scandir(d) if e.is_dir())
+            if wnids:
+                return wnids
+    raise ConvertError(f"--src {src}: no class folders found under train/ or val/ (expected train/<wnid>/*.JPEG)")
+
+
+def _first_existing(src: str, names: tuple[str, ...]) -> Optional[str]:
+    for base in (src, os.path.join(src, "ILSVRC2012_devkit_t12", "data"), os.path.dirname(os.path.abspath(src))):
+        for n in names:
+            p = os.path.join(base, n)
+            if os.path.isfile(p):
+                return p
+    return None
+
+
+def read_class_names(src: str, synsets: Optional[str]) -> dict[str, str]:
+    """wnid -> human-readable name from LOC_synset_mapping.txt / synset_words.txt ("n01440764
+    tench, Tinca tinca") or the devkit's meta.mat; {} when none is found."""
+    path = synsets or _first_existing(src, ("LOC_synset_mapping.txt", "synset_words.txt", "meta.mat"))
+    if path is None:
+        return {}
+    if path.endswith(".mat"):
+        return {wnid: words for _, wnid, words in _devkit_synsets(path)}
+    names = {}
+    with open(path) as f:
+        for line in f:
+            wnid, _, name = line.strip().partition(" ")
+            if wnid:
+                names[wnid] = name.strip()
+    return names
+
+
+def _devkit_synsets(meta_mat: str) -> list[tuple[int, str, str]]:
+    """(ILSVRC2012_ID, wnid, words) of the 1000 leaf classes in the devkit's meta.mat."""
+    from scipy.io import loadmat
+
+    rows = loadmat(meta_mat, squeeze_me=True)["synsets"]
+    return [(int(r["ILSVRC2012_ID"]), str(r["WNID"]), str(r["words"])) for r in rows if int(r["num_children"]) == 0]
+
+
+def read_val_labels(src: str, val_labels: Optional[str], synsets: Optional[str]) -> dict[str, str]:
+    """Flat val/: file stem -> wnid, from LOC_val_solution.csv or the devkit's
+    ILSVRC2012_validation_ground_truth.txt (1-based class ids in sorted file order) plus its
+    id -> wnid mapping (meta.mat, or a text file of "id wnid" lines)."""
+    path = val_labels or _first_existing(src, ("LOC_val_solution.csv", "ILSVRC2012_validation_ground_truth.txt"))
+    if path is None:
+        raise ConvertError(
+            f"--src {src}: val/ holds images but no class folders, and no labels were found; "
+            "give --val-labels LOC_val_solution.csv or ILSVRC2012_validation_ground_truth.txt"
+        )
+    if path.endswith(".csv"):
+        with open(path, newline="") as f:
+            return {row["ImageId"]: row["PredictionString"].split()[0] for row in csv.DictReader(f)}
+    mapping = synsets or _first_existing(src, ("meta.mat",))
+    if mapping is None:
+        raise ConvertError(f"{path} holds class ids; the id -> wnid mapping (devkit meta.mat) is needed: give --synsets")
+    if mapping.endswith(".mat"):
+        id_to_wnid = {i: w for i, w, _ in _devkit_synsets(mapping)}
+    else:
+        with open(mapping) as f:
+            id_to_wnid = {int(a): b for a, b in (line.split()[:2] for line in f if line.strip())}
+    stems = sorted(os.path.splitext(n)[0] for n in os.listdir(os.path.join(src, "val")) if _is_image(n))
+    with open(path) as f:
+        ids = [int(line) for line in f if line.strip()]
+    if len(ids) != len(stems):
+        raise ConvertError(f"{path} has {len(ids)} labels for {len(stems)} images in {os.path.join(src, 'val')}")
+    return {stem: id_to_wnid[i] for stem, i in zip(stems, ids)}
+
+
+def scan_split(src: str, split: str, classes: dict[str, int], limit_per_class: Optional[int], flat_labels: Optional[dict[str, str]] = None) -> list[Sample]:
+    """Every image of a split with its label, sorted by key (the first N per class with a limit)."""
+    root = os.path.join(src, split)
+    if not os.path.isdir(root):
+        raise ConvertError(f"--src {src}: no {split}/ folder")
+    entries = list(os.scandir(root))
+    per_class: dict[int, list[Sample]] = {}
+    if any(e.is_dir() for e in entries):  # <split>/<wnid>/*.JPEG
+        for e in sorted(entries, key=lambda e: e.name):
+            if not e.is_dir():
+                continue
+            if e.name not in classes:
+                raise ConvertError(f"{e.path}: class folder {e.name!r} is not among the {len(classes)} train classes")
+            names = sorted(n for n in os.listdir(e.path) if _is_image(n))
+            per_class[classes[e.name]] = [Sample(os.path.join(e.path, n), f"{split}/{e.name}/{n}", classes[e.name]) for n in names]
+    else:  # flat, labels from a ground-truth file
+        labels = flat_labels or {}
+        for n in sorted(x.name for x in entries if _is_image(x.name)):
+            stem = os.path.splitext(n)[0]
+            if stem not in labels:
+                raise ConvertError(f"{os.path.join(root, n)} has no label in the ground-truth file")
+            wnid = labels[stem]
+            if wnid not in classes:
+                raise ConvertError(f"{os.path.join(root, n)}: label {wnid!r} is not a known class")
+            per_class.setdefault(classes[wnid], []).append(Sample(os.path.join(root, n), f"{split}/{n}", classes[wnid]))
+    samples = [s for label in sorted(per_class) for s in per_class[label][:limit_per_class]]
+    return sorted(samples, key=lambda s: s.key)
+
+
+def shuffled(samples: list[Sample], seed: int, split: str) -> list[Sample]:
+    """Deterministic shuffle (seed and split name) so shards are not class-sorted."""
+    rng = np.random.default_rng([seed, zlib.crc32(split.encode())])
+    return [samples[i] for i in rng.permutation(len(samples))]
+
+
+# ------------------------------------------------------------------------------------ workers
+_progress = None  # shared image counter, set in each worker by _init_worker
+
+
+def _init_worker(counter) -> None:
+    global _progress
+    _progress = counter
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    if sys.platform.startswith("linux"):  # die with the parent: no orphan may write after a crash
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def chunk_dir(out: str, split: str, chunk: int) -> str:
+    return storage.join(out, split, f"chunk-{chunk:05d}")
+
+
+def _keys_digest(samples: list[Sample]) -> str:
+    return hashlib.sha256("\n".join(f"{s.key}\t{s.label}" for s in samples).encode()).hexdigest()[:16]
+
+
+def encode_sample(sample: Sample, settings: Settings) -> bytes:
+    """Source file -> stored bytes (raises on undecodable input)."""
+    with open(sample.path, "rb") as f:
+        raw = f.read()
+    img = load_rgb(raw)  # decodes fully: truncated/corrupt files fail here
+    if settings.encoding == "original":
+        return raw
+    return encode_image(preprocess(img, settings.resolution), settings.encoding, settings.jpeg_quality, settings.png_compress_level)
+
+
+def convert_chunk(out: str, split: str, chunk: int, samples: list[Sample], settings: Settings) -> dict:
+    """Write one chunk as an MDS partition and seal it with done.json; returns the marker."""
+    from streaming import MDSWriter
+
+    dest = chunk_dir(out, split, chunk)
+    storage.remove_tree(dest)  # leftovers of an interrupted run
+    bad, labels = [], Counter()
+    with MDSWriter(out=dest, columns=COLUMNS, compression=None, size_limit=settings.shard_size, exist_ok=True, retry=5) as writer:
+        for s in samples:
+            try:
+                data = encode_sample(s, settings)
+            except Exception as e:  # noqa: BLE001 - any decode failure is reported per file
+                bad.append({"path": s.key, "reason": f"{type(e).__name__}: {e}"})
+            else:
+                writer.write({"image": data, "label": s.label, "key": s.key})
+                labels[s.label] += 1
+            if _progress is not None:
+                with _progress.get_lock():
+                    _progress.value += 1
+    marker = {
+        "chunk": chunk,
+        "samples": sum(labels.values()),
+        "bad": bad,
+        "labels": {str(k): v for k, v in sorted(labels.items())},
+        "fingerprint": settings.fingerprint(),
+        "keys": _keys_digest(samples),
+    }
+    storage.write_bytes(storage.join(dest, "done.json"), json.dumps(marker).encode())
+    return marker
+
+
+# ------------------------------------------------------------------------------------ driver
+@dataclass
+class SplitResult:
+    input: int
+    written: int
+    bad: list
+    per_class: dict
+    chunks: int
+    merged: bool
+
+
+def _read_marker(out: str, split: str, chunk: int) -> Optional[dict]:
+    data = storage.read_bytes(storage.join(chunk_dir(out, split, chunk), "done.json"))
+    return json.loads(data) if data else None
+
+
+def convert_split(src: str, out: str, split: str, samples: list[Sample], settings: Settings, workers: int, skip_bad: bool) -> SplitResult:
+    from streaming.base.util import merge_index
+    from tqdm import tqdm
+
+    chunks = [samples[i : i + settings.chunk_size] for i in range(0, len(samples), settings.chunk_size)]
+    markers: dict[int, dict] = {}
+    for i, chunk in enumerate(chunks):
+        m = _read_marker(out, split, i)
+        if m is None:
+            continue
+        if m["fingerprint"] != settings.fingerprint():
+            raise ConvertError(
+                f"{chunk_dir(out, split, i)} was written with different settings (resolution, encoding, seed, "
+                "chunk/shard size or limit); rerun with the original settings or use a new --out"
+            )
+        if m["keys"] != _keys_digest(chunk):
+            raise ConvertError(f"{chunk_dir(out, split, i)}: the input files changed since it was written; use a new --out")
+        markers[i] = m
+    pending = [i for i in range(len(chunks)) if i not in markers]
+    if markers:
+        print(f"{split}: resuming, {len(markers)}/{len(chunks)} chunks already complete", file=sys.stderr)
+
+    if pending:
+        ctx = mp.get_context("spawn")
+        counter = ctx.Value("q", 0)
+        total = sum(len(chunks[i]) for i in pending)
+        with ctx.Pool(min(workers, len(pending)), initializer=_init_worker, initargs=(counter,)) as pool:
+            jobs = {i: pool.apply_async(convert_chunk, (out, split, i, chunks[i], settings)) for i in pending}
+            with tqdm(total=total, desc=f"{split}", unit="img", dynamic_ncols=True, smoothing=0.05) as bar:
+                while jobs:
+                    time.sleep(0.5)
+                    bar.update(counter.value - bar.n)
+                    for i in [i for i, j in jobs.items() if j.ready()]:
+                        markers[i] = jobs.pop(i).get()  # re-raises a worker's exception here
+                bar.update(counter.value - bar.n)
+
+    ordered = [markers[i] for i in range(len(chunks))]
+    bad = [b for m in ordered for b in m["bad"]]
+    written = sum(m["samples"] for m in ordered)
+    if written + len(bad) != len(samples):  # nothing valid is silently dropped
+        raise ConvertError(f"{split}: {written} written + {len(bad)} bad != {len(samples)} input images")
+    per_class = Counter()
+    for m in ordered:
+        per_class.update({int(k): v for k, v in m["labels"].items()})
+    merged = not bad or skip_bad
+    # an existing merged index was made from these same sealed chunks: it is already right
+    if merged and storage.read_bytes(storage.join(out, split, "index.json")) is None:
+        root_logger = logging.getLogger()
+        level = root_logger.level
+        root_logger.setLevel(logging.ERROR)  # streaming logs its temp folders as root warnings
+        try:
+            merge_index([storage.join(chunk_dir(out, split, i), "index.json") for i in range(len(chunks))], storage.join(out, split))
+        finally:
+            root_logger.setLevel(level)
+    return SplitResult(len(samples), written, bad, dict(sorted(per_class.items())), len(chunks), merged)
+
+
+def validate_split(src: str, out: str, split: str, settings: Settings, n: int, seed: int) -> dict:
+    """Decode n random stored samples and compare with the source pushed through the same
+    preprocessing: exact for png/original, PSNR >= 30 dB for jpeg."""
+    import tempfile
+
+    from streaming import StreamingDataset
+
+    from dip_scale.data.imagenet import to_tensor_array
+
+    with tempfile.TemporaryDirectory() as cache:
+        remote, local = (storage.join(out, split), cache) if storage.is_s3(out) else (None, storage.join(out, split))
+        ds = StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=1)
+        idx = np.random.default_rng(seed).choice(len(ds), size=min(n, len(ds)), replace=False)
+        worst, mismatches = float("inf"), []
+        for i in idx:
+            sample = ds[int(i)]
+            stored = to_tensor_array(sample["image"]).astype(np.float64)
+            with open(os.path.join(src, sample["key"]), "rb") as f:
+                source = np.asarray(preprocess(load_rgb(f.read()), settings.resolution)).astype(np.float64)
+            mse = float(np.mean((stored - source) ** 2)) if stored.shape == source.shape else float("inf")
+            psnr = float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+            worst = min(worst, psnr)
+            if (settings.encoding == "jpeg" and psnr < 30) or (settings.encoding != "jpeg" and mse != 0):
+                mismatches.append(sample["key"])
+    return {"checked": int(len(idx)), "mismatches": mismatches, "worst_psnr_db": None if worst == float("inf") else round(worst, 2)}
+
+
+def convert(
+    src: str,
+    out: str,
+    splits: list[str],
+    settings: Settings,
+    workers: int,
+    skip_bad: bool,
+    validate: int = 0,
+    synsets: Optional[str] = None,
+    val_labels: Optional[str] = None,
+) -> int:
+    """Convert the splits; returns the process exit code (0 ok, 1 bad files without --skip-bad
+    or failed validation)."""
+    started = time.time()
+    wnids = find_wnids(src)
+    classes = class_index(wnids)
+    names = read_class_names(src, synsets)
+    scanned = {}
+    for split in splits:  # scan everything first: input errors surface before any writing
+        split_dir = os.path.join(src, split)
+        flat = os.path.isdir(split_dir) and not any(e.is_dir() for e in os.scandir(split_dir))
+        labels = read_val_labels(src, val_labels, synsets) if flat else None
+        scanned[split] = shuffled(scan_split(src, split, classes, settings.limit_per_class, labels), settings.seed, split)
+        if not scanned[split]:
+            raise ConvertError(f"--src {src}: {split}/ holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    storage.check_writable(out)
+
+    results = {s: convert_split(src, out, s, scanned[s], settings, workers, skip_bad) for s in splits}
+    complete = all(r.merged for r in results.values())
+    report = {
+        "status": "complete" if complete else "incomplete: undecodable files (rerun with --skip-bad to accept)",
+        "src": os.path.abspath(src),
+        "out": out,
+        "settings": asdict(settings),
+        "workers": workers,
+        "skip_bad": skip_bad,
+        "seconds": round(time.time() - started, 1),
+        "splits": {
+            s: {
+                "input": r.input,
+                "written": r.written,
+                "bad": r.bad,
+                "chunks": r.chunks,
+                "per_class": {wnids[k]: v for k, v in r.per_class.items()},
+            }
+            for s, r in results.items()
+        },
+    }
+    code = 0 if complete else 1
+    if complete:
+        info = DatasetInfo(
+            classes=[{"index": i, "wnid": w, "name": names.get(w, w)} for i, w in enumerate(wnids)],
+            resolution=settings.resolution,
+            encoding=settings.encoding,
+            jpeg_quality=settings.jpeg_quality,
+            png_compress_level=settings.png_compress_level,
+            seed=settings.seed,
+            splits={s: r.written for s, r in results.items()},
+        )
+        storage.write_bytes(storage.join(out, DATASET_FILE), info.to_json().encode())
+        if validate:
+            report["validation"] = {s: validate_split(src, out, s, settings, validate, settings.seed) for s in splits}
+            if any(v["mismatches"] for v in report["validation"].values()):
+                report["status"] = "validation failed"
+                code = 1
+    storage.write_bytes(storage.join(out, REPORT_FILE), json.dumps(report, indent=1).encode())
+    return code

@@ -1,0 +1,123 @@
+"""One small API over local folders and S3, so every place that takes a path also takes s3://.
+
+S3 goes through boto3 with the standard credential chain and the endpoint in S3_ENDPOINT_URL
+(the variable Composer and streaming read; plain boto3 ignores it, hence `endpoint_url` here).
+Credentials never appear in configs or logs.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+from typing import Optional
+
+
+def is_s3(path: str) -> bool:
+    return path.startswith("s3://")
+
+
+def join(root: str, *parts: str) -> str:
+    if is_s3(root):
+        return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts)])
+    return os.path.join(root, *parts)
+
+
+def split_s3(url: str) -> tuple[str, str]:
+    bucket, _, key = url[len("s3://") :].partition("/")
+    return bucket, key
+
+
+@lru_cache(maxsize=None)
+def s3_client(pid: int = 0):
+    """A boto3 S3 client with retries (`pid` keys the cache: clients must not cross fork())."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None,
+        config=Config(retries={"max_attempts": 10, "mode": "standard"}, connect_timeout=10, read_timeout=60),
+    )
+
+
+def _client():
+    return s3_client(os.getpid())
+
+
+def read_bytes(path: str) -> Optional[bytes]:
+    """The object's bytes, or None if it does not exist."""
+    if is_s3(path):
+        bucket, key = split_s3(path)
+        try:
+            return _client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        except _client().exceptions.NoSuchKey:
+            return None
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write atomically: a reader sees the old object or the whole new one, never a part."""
+    if is_s3(path):
+        bucket, key = split_s3(path)
+        _client().put_object(Bucket=bucket, Key=key, Body=data)
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def upload_file(local: str, path: str) -> None:
+    if is_s3(path):
+        bucket, key = split_s3(path)
+        _client().upload_file(local, bucket, key)
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    shutil.copyfile(local, tmp)
+    os.replace(tmp, path)
+
+
+def list_keys(prefix: str) -> list[str]:
+    """Paths (full URLs for S3) of every object below a folder/prefix."""
+    if is_s3(prefix):
+        bucket, key = split_s3(prefix.rstrip("/") + "/")
+        out = []
+        for page in _client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+            out += [f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", [])]
+        return out
+    out = []
+    for dirpath, _, files in os.walk(prefix):
+        out += [os.path.join(dirpath, f) for f in files]
+    return sorted(out)
+
+
+def remove_tree(prefix: str) -> None:
+    if is_s3(prefix):
+        bucket, _ = split_s3(prefix)
+        keys = [split_s3(k)[1] for k in list_keys(prefix)]
+        for i in range(0, len(keys), 1000):
+            _client().delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]]})
+        return
+    shutil.rmtree(prefix, ignore_errors=True)
+
+
+def check_writable(root: str) -> None:
+    """Fail early, with the place named, if `root` cannot be written (bucket missing, no
+    credentials, endpoint unreachable, read-only folder)."""
+    probe = join(root, ".dip_scale-write-probe")
+    try:
+        write_bytes(probe, b"ok")
+        if is_s3(probe):
+            bucket, key = split_s3(probe)
+            _client().delete_object(Bucket=bucket, Key=key)
+        else:
+            os.remove(probe)
+    except Exception as e:  # noqa: BLE001 - reworded for the user below
+        hint = " (S3 endpoint from S3_ENDPOINT_URL, credentials from the AWS chain)" if is_s3(root) else ""
+        raise PermissionError(f"cannot write to {root}{hint}: {type(e).__name__}: {e}") from None
