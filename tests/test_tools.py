@@ -32,3 +32,12 @@ def test_bench_model_compares_heads_on_one_trunk():
     heads = [r["head"] for r in result["rows"]]
     assert heads == ["none", "conv_unet"] and result["rows"][0]["ratio_vs_first"] == 1.0
     assert all(r["forward_ms"] > 0 for r in result["rows"])
+
+
+def test_bench_data_prints_the_throughput_table():
+    lines = _run(ROOT / "tools" / "bench_data.py", "--images", "24", "--resolution", "64", "--loader-epochs", "1", "--loader-batch", "4")
+    result = json.loads(lines[-1])
+    assert [r["encoding"] for r in result["rows"]] == ["png", "jpeg q95"]
+    for r in result["rows"]:
+        assert r["convert_img_s_per_worker"] > 0 and r["bare_decode_img_s"] > 0 and 0 < r["loader_vs_bare"] < 2
+    assert any("loader/bare" in line for line in lines)

@@ -32,16 +32,17 @@ def photo(name: str) -> Image.Image:
     return Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
 
 
-def random_crop(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """A random crop (20-90% of the short side, aspect 3:4..4:3) resized to a short side of
-    72-320 px: sizes on both sides of 2x a small target, so the ADM box-halving path runs."""
+def random_crop(img: Image.Image, rng: np.random.Generator, short_side: tuple[int, int] = (72, 320)) -> Image.Image:
+    """A random crop (20-90% of the short side, aspect 3:4..4:3) resized to a random short side
+    in `short_side` (default: on both sides of 2x a small target, so the ADM box-halving path
+    runs; ImageNet-like sizes are (300, 500))."""
     s = min(img.size)
     side = int(s * rng.uniform(0.2, 0.9))
     aspect = rng.uniform(0.75, 1.33)
     w, h = min(img.width, int(side * aspect)), side
     left, top = int(rng.integers(0, img.width - w + 1)), int(rng.integers(0, img.height - h + 1))
     crop = img.crop((left, top, left + w, top + h))
-    short = int(rng.integers(72, 321))
+    short = int(rng.integers(short_side[0], short_side[1] + 1))
     scale = short / min(crop.size)
     return crop.resize((max(1, round(crop.width * scale)), max(1, round(crop.height * scale))), Image.BICUBIC)
 
@@ -73,7 +74,10 @@ def add_oddities(root: str, rng: np.random.Generator, base: Image.Image) -> dict
     return odd
 
 
-def make(out: str, classes: int, train_per_class: int, val_per_class: int, val_layout: str, oddities: bool, seed: int) -> dict:
+def make(
+    out: str, classes: int, train_per_class: int, val_per_class: int, val_layout: str, oddities: bool, seed: int,
+    short_side: tuple[int, int] = (72, 320),
+) -> dict:
     if classes > len(PHOTOS):
         sys.exit(f"--classes: at most {len(PHOTOS)} (one per sample photograph: {', '.join(PHOTOS)})")
     rng = np.random.default_rng(seed)
@@ -84,14 +88,14 @@ def make(out: str, classes: int, train_per_class: int, val_per_class: int, val_l
     for i, img in enumerate(photos):
         d = _mkdir(os.path.join(out, "train", wnid(i)))
         for j in range(train_per_class):
-            save_jpeg(random_crop(img, rng), os.path.join(d, f"{wnid(i)}_{j}.JPEG"))
+            save_jpeg(random_crop(img, rng, short_side), os.path.join(d, f"{wnid(i)}_{j}.JPEG"))
     val = [(i, j) for i in range(classes) for j in range(val_per_class)]
     order = rng.permutation(len(val))  # flat val files are not class-sorted, like ImageNet's
     vdir = _mkdir(os.path.join(out, "val"))
     rows = []
     for n, k in enumerate(order, start=1):
         i, _ = val[k]
-        img = random_crop(photos[i], rng)
+        img = random_crop(photos[i], rng, short_side)
         if val_layout == "folders":
             save_jpeg(img, os.path.join(_mkdir(os.path.join(vdir, wnid(i))), f"ILSVRC2012_val_{n:08d}.JPEG"))
         else:

@@ -73,6 +73,11 @@ def to_tensor_array(data: bytes) -> np.ndarray:
     return np.asarray(load_rgb(data))
 
 
+def to_model_range(images):
+    """uint8 images (B, 3, H, W) -> float32 in [-1, 1], the model's pixel range (x / 127.5 - 1)."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
 @dataclass
 class DatasetInfo:
     """What `<out>/dataset.json` holds: enough to interpret every sample without the source."""
