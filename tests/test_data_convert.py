@@ -197,3 +197,34 @@ def test_bad_arguments_fail_before_any_work(tmp_path, demo_tree):
     r = run_convert(demo_tree["root"], "gs://bucket/x")
     assert r.returncode == 2 and "neither a local folder nor s3://" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_limit_per_class_makes_balanced_subsets(demo_tree, tmp_path):
+    out = tmp_path / "subset"
+    r = run_convert(demo_tree["root"], out, "--splits", "val", "--resolution", 32, "--limit-per-class", 2, "--workers", 1)
+    assert r.returncode == 0, r.stderr
+    labels = sorted(s["label"] for s in read_split(str(out / "val")))
+    assert labels == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_loader_flips_deterministically_per_epoch_and_sample(converted_png):
+    import torch
+
+    from dip_scale.config import DataConfig
+    from dip_scale.data.streaming import build_dataset
+
+    def images(hflip, epoch):
+        ds = build_dataset(DataConfig(remote=converted_png["out"], split="val", hflip=hflip), device_batch_size=1, seed=5, cache_dir="unused")
+        ds.next_epoch = epoch + 1  # what StreamingDataset sets while iterating epoch `epoch`
+        try:
+            return [ds[i][0] for i in range(len(ds))]
+        finally:
+            del ds
+
+    plain, e0, e0_again, e1 = images(False, 0), images(True, 0), images(True, 0), images(True, 1)
+    assert all(p.dtype == torch.uint8 and p.shape == (3, 64, 64) for p in plain)
+    flipped0 = [not torch.equal(a, b) for a, b in zip(plain, e0)]
+    assert all(torch.equal(f, p.flip(-1)) for f, p, fl in zip(e0, plain, flipped0) if fl)
+    assert 0 < sum(flipped0) < len(plain)  # about half
+    assert all(torch.equal(a, b) for a, b in zip(e0, e0_again))  # same epoch: same flips (resumable)
+    assert [not torch.equal(a, b) for a, b in zip(plain, e1)] != flipped0  # a new epoch draws again
