@@ -204,6 +204,15 @@ def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     return cfg
 
 
+def build_section(cls, raw: dict[str, Any], prefix: str = ""):
+    """Build and type-check one section on its own (e.g. the ModelConfig stored in a model file)."""
+    errors: list[str] = []
+    obj = _build(cls, raw, prefix, errors)
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    return obj
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 

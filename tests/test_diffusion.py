@@ -68,7 +68,7 @@ def test_objective_uses_the_null_label_only_in_training():
     objective.train()(Spy(), x0, y)
     objective.eval()(Spy(), x0, y)
     assert (seen[0] == 10).any() and not (seen[1] == 10).any()
-    loss = objective(Spy(), x0, y)["loss"]  # zero prediction: loss = E|eps - x0|^2 = 1
+    loss = objective(Spy(), x0, y)["total"]  # zero prediction: loss = E|eps - x0|^2 = 1
     assert abs(loss.item() - 1.0) < 0.05
 
 
@@ -179,9 +179,9 @@ def test_repa_objective_trains_the_projector_not_the_encoder(fake_dinov2_weights
     assert not any("encoder" in n or "vit" in n for n, _ in objective.named_parameters())  # not sharded / saved
     x0 = torch.rand(2, 3, 32, 32) * 2 - 1
     out = objective(model, x0, torch.tensor([1, 2]))
-    assert 0 <= out["loss_repa"].item() <= 2
-    assert torch.allclose(out["loss"], out["loss_fm"] + 0.5 * out["loss_repa"])
-    out["loss"].backward()
+    assert 0 <= out["repa"].item() <= 2
+    assert torch.allclose(out["total"], out["fm"] + 0.5 * out["repa"])
+    out["total"].backward()
     assert all(p.grad is not None for p in repa.projector.parameters())
     assert all(p.grad is None for p in encoder.parameters())
     assert model.blocks[0].attn.qkv.weight.grad is not None  # alignment reaches the first blocks

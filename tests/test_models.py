@@ -143,7 +143,7 @@ def test_tiny_model_overfits_a_fixed_batch():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(300):
-        loss = objective(model, x0, y, generator=torch.Generator().manual_seed(0))["loss"]
+        loss = objective(model, x0, y, generator=torch.Generator().manual_seed(0))["total"]
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -19,12 +19,13 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from dip_scale.config import load_config
 from dip_scale.diffusion.flow import FlowMatchingObjective
 from dip_scale.diffusion.sampler import sample, to_uint8
 from dip_scale.models import build_model
+from dip_scale.visual import image_grid, save_png
 
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
 
@@ -76,7 +77,7 @@ def train_and_sample(head: str, args, image: torch.Tensor) -> tuple[torch.Tensor
 
     bar = tqdm(range(args.steps), desc=f"{'DiT-only' if head == 'none' else 'DiP'} ({head})", unit="step")
     for _ in bar:
-        loss = objective(model, batch, labels, generator=gen)["loss"]
+        loss = objective(model, batch, labels, generator=gen)["total"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -86,19 +87,6 @@ def train_and_sample(head: str, args, image: torch.Tensor) -> tuple[torch.Tensor
     out = sample(model, torch.zeros(1, dtype=torch.long), [args.seed], image_size=args.size, null_class=1, steps=args.sample_steps)
     n_params = sum(p.numel() for p in model.parameters())
     return out, psnr(out, image), train_s, n_params
-
-
-def side_by_side(panels: list[tuple[str, torch.Tensor]], path: str) -> None:
-    tiles = [Image.fromarray(to_uint8(img)[0].numpy()) for _, img in panels]
-    w, h = tiles[0].size
-    scale = max(1, 256 // w)
-    canvas = Image.new("RGB", (len(tiles) * w * scale, h * scale + 18), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, ((title, _), tile) in enumerate(zip(panels, tiles)):
-        canvas.paste(tile.resize((w * scale, h * scale), Image.NEAREST), (i * w * scale, 18))
-        draw.text((i * w * scale + 4, 3), title, fill="black")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    canvas.save(path)
 
 
 def main() -> None:
@@ -125,9 +113,8 @@ def main() -> None:
     image = load_image(args.image, args.size)
     dit, psnr_dit, s_dit, n_dit = train_and_sample("none", args, image)
     dip, psnr_dip, s_dip, n_dip = train_and_sample("conv_unet", args, image)
-    side_by_side(
-        [("original", image), (f"DiT-only {psnr_dit:.1f} dB", dit), (f"DiP {psnr_dip:.1f} dB", dip)], args.out
-    )
+    grid = image_grid(torch.cat([image, dit, dip]), titles=["original", f"DiT-only {psnr_dit:.1f} dB", f"DiP {psnr_dip:.1f} dB"], min_cell=256)
+    save_png(grid, args.out)
     print(f"{'model':<10} {'params':>10} {'train s':>8} {'PSNR dB':>8}")
     print(f"{'DiT-only':<10} {n_dit:>10,} {s_dit:>8.1f} {psnr_dit:>8.2f}")
     print(f"{'DiP':<10} {n_dip:>10,} {s_dip:>8.1f} {psnr_dip:>8.2f}")

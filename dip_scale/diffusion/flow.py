@@ -32,7 +32,8 @@ def drop_labels(y: torch.Tensor, p: float, null_class: int, generator: Optional[
 
 
 class FlowMatchingObjective(nn.Module):
-    """loss = MSE(model(x_t, t, y'), eps - x0) [+ repa.weight * REPA alignment]. Holds only the
+    """total = MSE(model(x_t, t, y'), eps - x0) [+ repa.weight * REPA alignment], returned with
+    its parts {"total", "fm"[, "repa"]} (Composer backpropagates "total"). Holds only the
     trainable REPA projector (if any); the frozen encoder lives outside the module tree."""
 
     def __init__(self, cfg, num_classes: int, repa: Optional[nn.Module] = None):
@@ -53,9 +54,9 @@ class FlowMatchingObjective(nn.Module):
         else:
             pred, hidden = model(x_t, t, y, capture=self.repa.align_block)
         fm = F.mse_loss(pred.float(), velocity_target(x0, noise).float())
-        out = {"loss": fm, "loss_fm": fm}
+        out = {"total": fm, "fm": fm}
         if self.repa is not None:
             align = self.repa(hidden, x0)
-            out["loss_repa"] = align
-            out["loss"] = fm + self.repa.weight * align
+            out["repa"] = align
+            out["total"] = fm + self.repa.weight * align
         return out

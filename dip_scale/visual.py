@@ -1,0 +1,38 @@
+"""Pictures people would rather look at than read: labelled sample grids as PNG."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Sequence
+
+import torch
+from PIL import Image, ImageDraw
+
+from dip_scale.diffusion.sampler import to_uint8
+
+
+def image_grid(images: torch.Tensor, titles: Optional[Sequence[str]] = None, ncol: Optional[int] = None, min_cell: int = 128) -> Image.Image:
+    """[-1, 1] images (B, 3, H, W) -> one RGB grid; small images are upscaled (nearest) to
+    `min_cell` so a 64px demo is still legible; an optional caption above each cell."""
+    tiles = [Image.fromarray(a.numpy()) for a in to_uint8(images)]
+    n = len(tiles)
+    ncol = ncol or min(n, 8)
+    nrow = math.ceil(n / ncol)
+    w, h = tiles[0].size
+    scale = max(1, math.ceil(min_cell / w))
+    cw, ch = w * scale, h * scale
+    cap = 14 if titles else 0
+    grid = Image.new("RGB", (ncol * cw, nrow * (ch + cap)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, tile in enumerate(tiles):
+        x, y = (i % ncol) * cw, (i // ncol) * (ch + cap)
+        grid.paste(tile.resize((cw, ch), Image.NEAREST), (x, y + cap))
+        if titles:
+            draw.text((x + 2, y + 1), str(titles[i])[: max(4, cw // 6)], fill="black")
+    return grid
+
+
+def save_png(img: Image.Image, path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img.save(path)
+    return path
