@@ -25,9 +25,23 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"dip_scale: {e}", file=sys.stderr)
         return 2
+    import logging
+
+    from dip_scale.training.callbacks import NonFiniteLossError
     from dip_scale.training.run import train  # heavy imports only after the config is known good
 
-    train(cfg)
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("composer", "streaming", "DeepSpeed", "deepspeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        train(cfg)
+    except ConfigError as e:
+        print(f"dip_scale: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"dip_scale (rank {rank}): {e}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -70,7 +70,7 @@ def encode_image(img: Image.Image, encoding: str, jpeg_quality: int, png_compres
 
 def to_tensor_array(data: bytes) -> np.ndarray:
     """Stored image bytes -> (H, W, 3) uint8 array, the reader's decode step."""
-    return np.asarray(load_rgb(data))
+    return np.array(load_rgb(data))  # writable: torch.from_numpy warns on read-only buffers
 
 
 def to_model_range(images):

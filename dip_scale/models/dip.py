@@ -94,6 +94,7 @@ class DiP(nn.Module):
         """x: (B,C,H,W) noisy images, t: (B,) in [0,1] (1 = noise), y: (B,) labels (num_classes =
         null). Returns the velocity prediction, or (prediction, hidden state after `capture`
         blocks) when `capture` is given (for REPA)."""
+        x = x.to(self.x_embed.weight.dtype)  # no-op in fp32/autocast; DeepSpeed bf16 params need bf16 input
         b, _, hgt, wid = x.shape
         p = self.patch_size
         gh, gw = hgt // p, wid // p

@@ -27,6 +27,7 @@ class MetricsJSONL(Callback):
     def __init__(self, path: str, interval: str):
         self.path = path
         self.should_log = create_interval_scheduler(interval, include_end_of_training=True, checkpoint_events=False)
+        self._last: Optional[tuple[float, int]] = None  # (time, samples) at the previous line
 
     def fit_start(self, state: State, logger: Logger) -> None:
         if dist.get_global_rank() != 0:
@@ -48,9 +49,32 @@ class MetricsJSONL(Callback):
             name = key.split("/")[-1]
             row["loss" if name == "total" else f"loss_{name}"] = value
         row["lr"] = state.optimizers[0].param_groups[0]["lr"]
-        row["time"] = round(time.time(), 3)
+        now, samples = time.time(), state.timestamp.sample.value
+        if self._last is not None and now > self._last[0]:
+            row["images_per_sec"] = round((samples - self._last[1]) / (now - self._last[0]), 2)
+        self._last = (now, samples)
+        row["time"] = round(now, 3)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+class RunConfig(Callback):
+    """Keeps the resolved config with every checkpoint (in Composer's state) and hands it to the
+    loggers once, at fit start."""
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        logger.log_hyperparameters(self.config)
+
+    def state_dict(self) -> dict:
+        return {"config": self.config}
+
+    def load_state_dict(self, state: dict) -> None:
+        previous = state.get("config")
+        if previous is not None and previous != self.config:
+            log.warning("resuming with a config that differs from the checkpoint's; the new one is used")
 
 
 class NonFiniteLossError(RuntimeError):
