@@ -37,7 +37,7 @@ def s3_client(pid: int = 0):
     return boto3.client(
         "s3",
         endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None,
-        config=Config(retries={"max_attempts": 10, "mode": "standard"}, connect_timeout=10, read_timeout=60),
+        config=Config(retries={"max_attempts": 20, "mode": "standard"}, connect_timeout=10, read_timeout=60),
     )
 
 

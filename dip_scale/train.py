@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     from dip_scale.training.run import train  # heavy imports only after the config is known good
 
     rank = os.environ.get("RANK", "0")
+    # S3 hiccups (checkpoint uploads, resume downloads) are retried with backoff for about a minute
+    os.environ.setdefault("AWS_MAX_ATTEMPTS", "20")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("composer", "streaming", "DeepSpeed", "deepspeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -75,6 +75,7 @@ class EMA(Callback):
         self._cache: Optional[tuple[int, Optional[dict[str, torch.Tensor]]]] = None
         self._meta: dict = {}
         self._state: Optional[State] = None
+        self._last_export_batch = -1
 
     # ------------------------------------------------------------------ shards
     def fit_start(self, state: State, logger: Logger) -> None:
@@ -153,6 +154,11 @@ class EMA(Callback):
         return storage.join(folder, "ema", f"{stem}.safetensors")
 
     def _export(self, state: State) -> None:
+        # at an epoch's last batch both BATCH_ and EPOCH_CHECKPOINT fire; Composer saves once (at
+        # the first) and so do we, under the same name
+        if self._last_export_batch == state.timestamp.batch.value:
+            return
+        self._last_export_batch = state.timestamp.batch.value
         full = self.gather()
         if full is None:
             return

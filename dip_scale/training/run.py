@@ -36,7 +36,7 @@ def _sample_classes(cfg: ExperimentConfig) -> list[int]:
 
 def train(cfg: ExperimentConfig) -> None:
     from composer import Trainer
-    from composer.callbacks import SpeedMonitor
+    from composer.callbacks import CheckpointSaver, SpeedMonitor
     from composer.devices import DeviceCPU, DeviceGPU
     from composer.optim import ConstantWithWarmupScheduler
     from composer.utils import dist, reproducibility
@@ -148,6 +148,12 @@ def train(cfg: ExperimentConfig) -> None:
         python_log_level=None,
     )
     rng.take_over(trainer)
+    for cb in trainer.state.callbacks:
+        # Composer polls S3 every 30 s before publishing the "latest" pointer (and once more at the
+        # end of fit); a HEAD request per second costs nothing and narrows the window in which
+        # complete checkpoints exist without a pointer
+        if isinstance(cb, CheckpointSaver):
+            cb._symlink_upload_wait_before_next_try_in_seconds = 1.0
     trainer.fit()
     trainer.close()
     if rank == 0:

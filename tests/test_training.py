@@ -1,0 +1,208 @@
+"""Training under the real launcher: 2 processes, gloo, DeepSpeed ZeRO 1/2/3, local and S3
+checkpoints, kill -9 and resume, the two-node layout, EMA maths, S3 outages, NaN guard."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import load_file
+
+from conftest import PYTHON, ROOT, env_with_repo_on_path, free_port, load_tool
+from training_helpers import kill_when, launch, losses, metrics, run, tiny_overrides, wait, logs
+
+pytestmark = pytest.mark.slow
+LAST = 120  # steps of the resume tests (tiny_overrides' max_duration), checkpoints every 10
+
+
+@pytest.fixture(scope="session")
+def tiny_mds(tmp_path_factory) -> str:
+    """64 images in 4 classes at 32x32, converted with the real converter."""
+    root = tmp_path_factory.mktemp("train-data")
+    load_tool("make_demo_data").make(str(root / "tree"), classes=4, train_per_class=16, val_per_class=1,
+                                     val_layout="folders", oddities=False, seed=4)
+    proc = subprocess.run(
+        [PYTHON, str(ROOT / "tools" / "convert_imagenet_mds.py"), "--src", str(root / "tree"), "--out", str(root / "mds"),
+         "--splits", "train", "--resolution", "32", "--workers", "2"],
+        capture_output=True, text=True, env=env_with_repo_on_path(), timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return str(root / "mds")
+
+
+def at_step(folder: Path, pattern: str, step: int) -> Path:
+    """The one file in folder matching pattern with '{step}' filled, e.g. 'ema/ep*-ba{step}.safetensors'."""
+    found = list(Path(folder).glob(pattern.format(step=step)))
+    assert len(found) == 1, (folder, pattern, step, found)
+    return found[0]
+
+
+def _tar_member(tar_path: Path, suffix: str):
+    with tarfile.open(tar_path) as t:
+        member = next(m for m in t.getmembers() if m.name.endswith(suffix))
+        return torch.load(io.BytesIO(t.extractfile(member).read()), map_location="cpu", weights_only=False)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_each_zero_stage_trains_and_zero3_partitions(stage, tiny_mds, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    run(tiny_overrides(tiny_mds, tmp_path / "run", str(ckpt), **{
+        "deepspeed.zero_optimization.stage": stage, "optimizer.lr": "1e-2", "trainer.max_duration": "24ba", "trainer.save_interval": "24ba"}), cwd=tmp_path)
+    loss = losses(tmp_path / "run")
+    assert sorted(loss) == list(range(1, 25))
+    first, last = sum(loss[s] for s in (1, 2, 3, 4)) / 4, sum(loss[s] for s in (21, 22, 23, 24)) / 4
+    assert last < 0.85 * first, (first, last)
+    assert at_step(ckpt, "ema/ep*-ba{step}.safetensors", 24).exists()
+    if stage == 3:  # each rank holds about half of the (fp32 master) parameters
+        held = [_tar_member(at_step(ckpt, f"ep*-ba{{step}}-rank{r}.tar", 24), f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt") for r in (0, 1)]
+        sizes = [sum(t.numel() for t in sd["optimizer_state_dict"]["fp32_flat_groups"]) for sd in held]
+        from dip_scale.config import load_config
+        from dip_scale.models import build_model
+
+        total = sum(p.numel() for p in build_model(load_config(str(ROOT / "yamls" / "dip_tiny_cpu.yaml"), tiny_overrides(tiny_mds, tmp_path, "x")).model).parameters())
+        assert all(abs(s - total / 2) <= 0.01 * total for s in sizes), (sizes, total)
+
+
+@pytest.fixture(scope="module")
+def clean_run(tiny_mds, tmp_path_factory) -> dict:
+    """120 uninterrupted steps (2 ranks, ZeRO-2, checkpoints every 10): the reference every resumed
+    run must reproduce bit for bit, wherever its checkpoints live and however many nodes it spans."""
+    root = tmp_path_factory.mktemp("clean")
+    run(tiny_overrides(tiny_mds, root / "run", str(root / "ckpt")), cwd=root)
+    return {"run": root / "run", "ema": at_step(root / "ckpt", "ema/ep*-ba{step}.safetensors", LAST)}
+
+
+def _assert_matches_clean(clean_run: dict, resumed_run: Path, resumed_ema: bytes | Path, resumed_from: int):
+    a, b = losses(clean_run["run"]), losses(resumed_run)
+    assert sorted(b) == list(range(1, LAST + 1)), "metrics.jsonl should read like one uninterrupted run"
+    assert all(a[s] == b[s] for s in range(resumed_from + 1, LAST + 1)), "losses after the resume point differ"
+    ea = load_file(str(clean_run["ema"]))
+    eb = load_file(str(resumed_ema)) if isinstance(resumed_ema, Path) else safetensors_load(resumed_ema)
+    assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea), "final EMA differs"
+
+
+def test_kill9_and_restart_resumes_exactly_local(clean_run, tiny_mds, tmp_path):
+    args = tiny_overrides(tiny_mds, tmp_path / "run", str(tmp_path / "ckpt"))
+    proc = launch(args, cwd=tmp_path)
+    kill_when(proc, lambda: os.path.lexists(tmp_path / "ckpt" / "latest-rank1.tar") and max(losses(tmp_path / "run") or [0]) > 10)
+    resumed_from = int(os.readlink(tmp_path / "ckpt" / "latest-rank0.tar").rsplit("-ba", 1)[1].split("-")[0])
+    assert resumed_from < max(losses(tmp_path / "run")) < LAST  # killed mid-run, past its last checkpoint
+    run(args, cwd=tmp_path, log="resume")
+    _assert_matches_clean(clean_run, tmp_path / "run", at_step(tmp_path / "ckpt", "ema/ep*-ba{step}.safetensors", LAST), resumed_from)
+
+
+def _s3_latest_step(s3, prefix: str) -> int:
+    obj = s3["client"].get_object(Bucket=s3["bucket"], Key=f"{prefix}/latest-rank0.tar.symlink")["Body"].read().decode()
+    return int(obj.rsplit("-ba", 1)[1].split("-")[0])
+
+
+def _s3_has(s3, key: str) -> bool:
+    return "Contents" in s3["client"].list_objects_v2(Bucket=s3["bucket"], Prefix=key)
+
+
+def _s3_ema(s3, prefix: str, step: int) -> bytes:
+    keys = [o["Key"] for o in s3["client"].list_objects_v2(Bucket=s3["bucket"], Prefix=f"{prefix}/ema/")["Contents"]]
+    (key,) = [k for k in keys if k.endswith(f"-ba{step}.safetensors")]
+    return s3["client"].get_object(Bucket=s3["bucket"], Key=key)["Body"].read()
+
+
+def test_kill9_and_restart_resumes_exactly_through_s3(clean_run, tiny_mds, tmp_path, s3):
+    env = env_with_repo_on_path(**s3["env"])
+    args = tiny_overrides(tiny_mds, tmp_path / "run", f"{s3['url']}/runs/{{run_name}}")
+    proc = launch(args, cwd=tmp_path, env=env)
+    kill_when(proc, lambda: _s3_has(s3, "runs/t/latest-rank0.tar.symlink"))
+    resumed_from = _s3_latest_step(s3, "runs/t")
+    assert resumed_from < LAST and max(losses(tmp_path / "run")) < LAST, "the kill came after the end of training"
+    run(args, cwd=tmp_path, env=env, log="resume")
+    _assert_matches_clean(clean_run, tmp_path / "run", _s3_ema(s3, "runs/t", LAST), resumed_from)
+    assert not (tmp_path / "s3:").exists()  # no stray ./s3:/bucket/... copy (Composer's autoresume makes one)
+
+
+def test_two_nodes_with_separate_disks_resume_exactly(clean_run, tiny_mds, tmp_path, s3):
+    """2 "nodes" x 1 process (the launcher's node-rank arguments), each with its own working
+    folder: node 1 never sees rank 0's files except through S3 (Composer issue #2326)."""
+    env = env_with_repo_on_path(**s3["env"])
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+
+    def start(log):
+        port = free_port()
+        return [launch(tiny_overrides(tiny_mds, Path("run"), f"{s3['url']}/multi/{{run_name}}"), cwd=n, env=env,
+                       nproc=1, node=(i, 2), port=port, log=log) for i, n in enumerate(nodes)]
+
+    procs = start("first")
+    kill_when(procs[0], lambda: _s3_has(s3, "multi/t/latest-rank0.tar.symlink"))
+    os.killpg(procs[1].pid, 9)
+    procs[1].wait()
+    resumed_from = _s3_latest_step(s3, "multi/t")
+    assert resumed_from < LAST and max(losses(nodes[0] / "run")) < LAST, "the kill came after the end of training"
+    procs = start("resume")
+    for n, p in zip(nodes, procs):
+        assert wait(p, 600) == 0, logs(n)
+    _assert_matches_clean(clean_run, nodes[0] / "run", _s3_ema(s3, "multi/t", LAST), resumed_from)
+
+
+def test_ema_matches_a_reference_from_the_checkpointed_training_weights(tiny_mds, tmp_path):
+    """Under ZeRO-3 (partitioned parameters): EMA_k = d * EMA_(k-1) + (1 - d) * W_k, with W_k read
+    back from each step's DeepSpeed checkpoint by DeepSpeed's own zero_to_fp32."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    decay, ckpt = 0.5, tmp_path / "ckpt"
+    run(tiny_overrides(tiny_mds, tmp_path / "run", str(ckpt), **{
+        "deepspeed.zero_optimization.stage": 3, "ema.decay": decay, "trainer.max_duration": "4ba", "trainer.save_interval": "1ba"}), cwd=tmp_path)
+    ema = {k: load_file(str(at_step(ckpt, "ema/ep*-ba{step}.safetensors", k))) for k in range(1, 5)}
+    ref = ema[1]
+    for k in range(2, 5):
+        merged = tmp_path / f"merged{k}"
+        for r in (0, 1):
+            with tarfile.open(at_step(ckpt, f"ep*-ba{{step}}-rank{r}.tar", k)) as t:
+                t.extractall(merged)
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(merged), tag="deepspeed")
+        w = {name[len("model."):]: v for name, v in weights.items() if name.startswith("model.")}
+        assert w.keys() == ref.keys()
+        ref = {n: ref[n].mul(decay).add(w[n].float(), alpha=1 - decay) for n in ref}
+        assert all(torch.equal(ref[n], ema[k][n]) for n in ref), f"EMA at step {k} differs from the reference"
+        assert any(not torch.equal(ema[k][n], ema[k - 1][n]) for n in ref)  # it did move
+
+
+def test_training_survives_s3_outage_during_checkpoint_upload(tiny_mds, tmp_path, s3):
+    from training_helpers import FlakyProxy
+
+    proxy = FlakyProxy(int(s3["server"]["endpoint"].rsplit(":", 1)[1]))
+    endpoint = f"http://127.0.0.1:{proxy.port}"
+    env = env_with_repo_on_path(**dict(s3["env"], S3_ENDPOINT_URL=endpoint, AWS_ENDPOINT_URL=endpoint))
+    proc = launch(tiny_overrides(tiny_mds, tmp_path / "run", f"{s3['url']}/flaky"), cwd=tmp_path, env=env)
+    assert proxy.upload_seen.wait(300), logs(tmp_path)
+    proxy.outage(4.0)  # S3 unreachable while the first checkpoint uploads
+    assert wait(proc, 600) == 0, logs(tmp_path)
+    assert proxy.dropped > 0  # the run really met refused connections and retried through them
+    assert sorted(losses(tmp_path / "run")) == list(range(1, LAST + 1))
+    step = _s3_latest_step(s3, "flaky")
+    assert step == LAST
+    for r in (0, 1):  # the pointer names a checkpoint whose every rank's tar is complete on S3
+        keys = [o["Key"] for o in s3["client"].list_objects_v2(Bucket=s3["bucket"], Prefix="flaky/")["Contents"]]
+        (key,) = [k for k in keys if k.endswith(f"-ba{step}-rank{r}.tar")]
+        body = s3["client"].get_object(Bucket=s3["bucket"], Key=key)["Body"].read()
+        with tarfile.open(fileobj=io.BytesIO(body)) as t:
+            assert t.getmembers()
+    assert _s3_ema(s3, "flaky", 10) and _s3_ema(s3, "flaky", LAST)
+
+
+def test_nan_guard_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tiny_mds, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    proc = launch(tiny_overrides(tiny_mds, tmp_path / "run", str(ckpt), **{
+        "optimizer.lr": "1e12", "trainer.save_interval": "1ba"}), cwd=tmp_path)
+    assert wait(proc, 300) != 0
+    err = (tmp_path / "run.launcher.log").read_text()  # local rank 0 writes through the launcher
+    assert "training stopped: non-finite loss" in (tmp_path / "run-rank1.err").read_text()  # every rank stops
+    assert "training stopped: non-finite loss at batch" in err and "Traceback" not in err.split("training stopped")[0][-500:]
+    bad = int(err.split("non-finite loss at batch ")[1].split()[0])
+    assert bad >= 2 and f"the last good checkpoint is" in err
+    assert os.readlink(ckpt / "latest-rank0.tar").endswith(f"-ba{bad - 1}-rank0.tar")
+    assert not list(ckpt.glob(f"*-ba{bad}-rank*.tar")) and not list(ckpt.glob(f"ema/*-ba{bad}.safetensors"))
+    assert all(json.loads(line)["step"] < bad for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())

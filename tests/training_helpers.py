@@ -1,0 +1,180 @@
+"""Launch real training runs (the `composer` launcher, 2 processes on gloo) and read what they
+leave behind: metrics.jsonl, checkpoints, EMA exports."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from conftest import BIN, ROOT, env_with_repo_on_path, free_port
+
+TRAIN = ROOT / "dip_scale" / "train.py"
+TINY = ROOT / "yamls" / "dip_tiny_cpu.yaml"
+
+
+def tiny_overrides(data: str, run_dir: Path, save_folder: str, **extra) -> list[str]:
+    base = {
+        "run_name": "t",
+        "run_dir": str(run_dir),
+        "model.image_size": 32,
+        "model.num_classes": 4,
+        "model.head.channels": "[8,16,32,64]",
+        "data.remote": data,
+        "data.batch_size": 8,
+        "data.num_workers": 0,
+        "optimizer.warmup": "0ba",
+        "trainer.max_duration": "120ba",
+        "trainer.save_folder": save_folder,
+        "trainer.save_interval": "10ba",
+        "trainer.progress_bar": "false",
+        "trainer.console_log_interval": "1000ba",
+        "logging.metrics_interval": "1ba",
+        "logging.sample_interval": "1000ba",
+        "logging.sample_classes": "[0,1,2,3]",
+        "sampler.steps": 4,
+        "data.num_canonical_nodes": 2,  # the global sample order is then the same on 1 or 2 "nodes"
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def launch(overrides, *, cwd: Path, env=None, nproc: int = 2, node: tuple[int, int] | None = None, port: int | None = None, log: str = "run"):
+    """Start `composer -n nproc dip_scale/train.py tiny.yaml overrides` in its own process group.
+    node=(node_rank, world_size) runs one "node" of a multi-node job."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    cmd = [str(BIN / "composer"), "-n", str(nproc), "--master_port", str(port or free_port()),
+           "--stdout", str(cwd / f"{log}-rank{{rank}}.out"), "--stderr", str(cwd / f"{log}-rank{{rank}}.err")]
+    env = dict(env or env_with_repo_on_path())
+    if node is not None:
+        cmd += ["--world_size", str(node[1]), "--node_rank", str(node[0]), "--master_addr", "127.0.0.1"]
+    cmd += [str(TRAIN), str(TINY), *overrides]
+    if node is not None:
+        # a "node" is a machine of its own: private /dev/shm (mount namespace) and temp folder, so
+        # nothing but the network and S3 is shared with the other node
+        (cwd / "tmp").mkdir(exist_ok=True)
+        env["TMPDIR"] = str(cwd / "tmp")
+        cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+               'mount -t tmpfs tmpfs /dev/shm && exec "$@"', "node", *cmd]
+    out = open(cwd / f"{log}.launcher.log", "w")
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait(proc, timeout: int = 600) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
+def run(overrides, *, cwd: Path, env=None, timeout: int = 600, **kw) -> None:
+    proc = launch(overrides, cwd=cwd, env=env, **kw)
+    rc = wait(proc, timeout)
+    assert rc == 0, logs(cwd)
+
+
+def kill_when(proc, condition, timeout: int = 300) -> None:
+    """SIGKILL the whole launch (launcher and ranks) as soon as condition() holds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return
+        if proc.poll() is not None:
+            raise AssertionError("the run ended before the kill point")
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError("kill point never reached")
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written right now
+            pass
+    return rows
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(run_dir)}
+
+
+def logs(cwd: Path) -> str:
+    parts = []
+    for p in sorted(Path(cwd).glob("*.err")) + sorted(Path(cwd).glob("*.launcher.log")):
+        parts.append(f"----- {p.name}\n{p.read_text()[-4000:]}")
+    return "\n".join(parts)
+
+
+class FlakyProxy:
+    """A TCP proxy in front of the S3 server that can go down (drop every connection) on demand,
+    and notices when a checkpoint upload (a PUT of a .tar) starts."""
+
+    def __init__(self, target_port: int):
+        import socket
+
+        self.target = ("127.0.0.1", target_port)
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.down = threading.Event()
+        self.upload_seen = threading.Event()
+        self.dropped = 0
+        self._conns: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+
+        while True:
+            client, _ = self.sock.accept()
+            if self.down.is_set():
+                self.dropped += 1
+                client.close()
+                continue
+            upstream = socket.create_connection(self.target)
+            self._conns.append((client, upstream))
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, src, dst, from_client):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data or self.down.is_set():
+                    break
+                if from_client and data.startswith(b"PUT ") and b".tar" in data.split(b"\r\n", 1)[0]:
+                    self.upload_seen.set()
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def outage(self, seconds: float):
+        """Go down (refuse and cut every connection) for `seconds`."""
+        self.down.set()
+        for a, b in list(self._conns):
+            for s in (a, b):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+        time.sleep(seconds)
+        self.down.clear()
