@@ -36,3 +36,30 @@ def save_png(img: Image.Image, path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     img.save(path)
     return path
+
+
+def plot_metrics(jsonl_path: str, png_path: str, keys: Sequence[str] = ("loss",)) -> str:
+    """Curves of metrics.jsonl columns against the step, as a PNG (no tracking service needed)."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(jsonl_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), label=key, linewidth=1)
+    ax.set_xlabel("step (batches)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
+    fig.savefig(png_path)
+    plt.close(fig)
+    return png_path

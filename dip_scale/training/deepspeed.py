@@ -6,12 +6,13 @@ ZeRO) and type-checks few scalars, so unknown keys are rejected here with a did-
 strict pydantic blocks (zero_optimization, bf16, fp16) are run standalone for exact key paths,
 and Composer's own rules are applied (it owns the batch keys, optimizer and scheduler).
 
-Mixed precision, two ways:
-  * `torch_autocast: {enabled: true, dtype: bfloat16}` (the paper configs): fp32 weights and
-    master copy, bf16 matmuls under autocast, like the released code's bf16-mixed. Pixels, times,
-    norms and the loss stay fp32; Composer sees fp32 and casts nothing.
-  * `bf16: {enabled: true}`: DeepSpeed's bf16 parameters (less memory). The model casts its input
-    pixels to the parameter dtype at its first layer; times still enter the sinusoid in fp32.
+Mixed precision, two ways; in both, the batch reaching Composer is integer (uint8 pixels, int64
+labels: its bf16 batch cast touches neither) and the flow times, noise, x_t, the time sinusoid and
+the MSE target are made in fp32 inside the model:
+  * `bf16: {enabled: true}` (the paper configs): DeepSpeed's bf16 parameters with fp32 master
+    weights in the optimizer (which the EMA reads); x_t is cast to bf16 at the first layer.
+  * `torch_autocast: {enabled: true, dtype: bfloat16}`: fp32 parameters, bf16 matmuls under
+    autocast, like the released code's bf16-mixed; more memory, norms stay fp32.
 """
 from __future__ import annotations
 
