@@ -493,14 +493,23 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
     return errs
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m dip_scale.config CONFIG [overrides]`: validate and print the resolved config."""
-    path, overrides = split_argv(sys.argv[1:] if argv is None else argv)
+def load_config_or_exit(argv: list[str], usage: str) -> ExperimentConfig:
+    """Command-line front door: `CONFIG.yaml [key.path=value ...]` -> a validated config, or the
+    usage / one-paragraph error on stderr and exit status 2 (never a traceback)."""
+    path, overrides = split_argv(argv)
+    if path is None and not overrides:
+        print(usage, file=sys.stderr)
+        raise SystemExit(2)
     try:
-        cfg = load_config(path, overrides)
+        return load_config(path, overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise SystemExit(2) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dip_scale.config CONFIG [overrides]`: validate and print the resolved config."""
+    cfg = load_config_or_exit(sys.argv[1:] if argv is None else argv, "usage: python -m dip_scale.config CONFIG.yaml [key.path=value ...]")
     print(to_yaml(cfg), end="")
     return 0
 

@@ -12,19 +12,14 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dip_scale.config import ConfigError, load_config, split_argv  # noqa: E402
+from dip_scale.config import ConfigError, load_config_or_exit  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    path, overrides = split_argv(sys.argv[1:] if argv is None else argv)
-    if path is None:
-        print("usage: dip_scale/train.py CONFIG.yaml [key.path=value ...]", file=sys.stderr)
-        return 2
     try:
-        cfg = load_config(path, overrides)
-    except ConfigError as e:
-        print(f"dip_scale: {e}", file=sys.stderr)
-        return 2
+        cfg = load_config_or_exit(sys.argv[1:] if argv is None else argv, "usage: dip_scale/train.py CONFIG.yaml [key.path=value ...]")
+    except SystemExit as e:
+        return int(e.code)
     import logging
 
     from dip_scale.training.callbacks import NonFiniteLossError

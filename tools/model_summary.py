@@ -10,19 +10,11 @@ from __future__ import annotations
 import json
 import sys
 
-from dip_scale.config import ConfigError, load_config, split_argv
+from dip_scale.config import load_config_or_exit
 
 
 def main(argv: list[str]) -> int:
-    path, overrides = split_argv(argv)
-    if path is None and not overrides:
-        print(__doc__.strip(), file=sys.stderr)
-        return 2
-    try:
-        cfg = load_config(path, overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config_or_exit(argv, __doc__.strip())
     from dip_scale.models.summary import summarize
 
     s = summarize(cfg.model)

@@ -45,13 +45,17 @@ _SCALARS = {  # DeepSpeed accepts any type here and fails at the first step
 
 def _scalar_problem(key: str, value: Any) -> str | None:
     kind = _SCALARS.get(key)
-    ok = {
-        None: True,
-        "number": isinstance(value, numbers.Real) and not isinstance(value, bool) and value >= 0,
-        "int": isinstance(value, int) and not isinstance(value, bool) and value > 0,
-        "bool": isinstance(value, bool),
-    }[kind]
-    return None if ok else f"deepspeed.{key}: expected a {'non-negative number' if kind == 'number' else 'positive integer' if kind == 'int' else 'true/false'}, got {value!r}"
+    if kind is None:
+        return None
+    if kind == "bool":
+        ok, want = isinstance(value, bool), "true/false"
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+        ok, want = False, "a number"
+    elif kind == "int":
+        ok, want = isinstance(value, int) and value > 0, "a positive integer"
+    else:
+        ok, want = value >= 0, "a non-negative number"
+    return None if ok else f"deepspeed.{key}: expected {want}, got {value!r}"
 
 
 def precision_for(ds: dict[str, Any]) -> str:
