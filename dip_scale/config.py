@@ -138,7 +138,7 @@ class SamplerConfig:
 class LoggingConfig:
     metrics_interval: str = "10ba"  # one JSON line per interval in <run_dir>/metrics.jsonl
     sample_interval: str = "10ep"  # EMA sample grid PNG
-    sample_classes: Optional[list[int]] = None  # None: 8 classes spread evenly over the label range
+    sample_classes: Optional[list[int]] = None  # None: spread_classes(model.num_classes)
     sample_seed: int = 0
     peak_flops: Optional[float] = None  # per-device peak FLOP/s for MFU (None: no MFU)
 
@@ -167,6 +167,11 @@ class ExperimentConfig:
         return self.run_dir if self.run_dir is not None else os.path.join("runs", self.run_name)
 
 
+def spread_classes(num_classes: int, n: int = 8) -> list[int]:
+    """n class ids spread evenly over 0..num_classes-1: the default classes of sample grids."""
+    return sorted({round(i * (num_classes - 1) / max(n - 1, 1)) for i in range(min(n, num_classes))})
+
+
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
@@ -190,17 +195,6 @@ def load_config(path: Optional[str], overrides: tuple[str, ...] | list[str] = ()
     if errors:
         where = f" in {path}" if path else ""
         raise ConfigError(f"invalid config{where}:\n  " + "\n  ".join(errors))
-    return cfg
-
-
-def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
-    """Build a validated config from an already-parsed mapping (e.g. one stored in a checkpoint)."""
-    errors: list[str] = []
-    cfg = _build(ExperimentConfig, raw, "", errors)
-    if not errors:
-        errors.extend(_cross_checks(cfg))
-    if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     return cfg
 
 

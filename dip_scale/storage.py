@@ -83,6 +83,20 @@ def upload_file(local: str, path: str) -> None:
     os.replace(tmp, path)
 
 
+def download_file(path: str, local: str) -> None:
+    """Copy an object (or local file) to a local path; FileNotFoundError names it if missing."""
+    if is_s3(path):
+        bucket, key = split_s3(path)
+        try:
+            _client().download_file(bucket, key, local)
+        except Exception as e:  # noqa: BLE001 - botocore raises ClientError(404) and friends
+            raise FileNotFoundError(f"cannot fetch {path}: {e}") from None
+        return
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"not found: {path}")
+    upload_file(path, local)
+
+
 def list_keys(prefix: str) -> list[str]:
     """Paths (full URLs for S3) of every object below a folder/prefix."""
     if is_s3(prefix):

@@ -17,7 +17,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from dip_scale.config import SamplerConfig  # noqa: E402
+from dip_scale.config import SamplerConfig, spread_classes  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         print(f"sample: {e}", file=sys.stderr)
         return 2
     k = model_cfg.num_classes
-    classes = [int(c) for c in args.classes.split(",")] if args.classes else sorted({round(i * (k - 1) / 7) for i in range(8)})
+    classes = [int(c) for c in args.classes.split(",")] if args.classes else spread_classes(k)
     bad = [c for c in classes if not 0 <= c < k]
     if bad:
         print(f"sample: --classes {bad} outside 0..{k - 1} of this model", file=sys.stderr)

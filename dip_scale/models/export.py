@@ -36,12 +36,8 @@ def read_model_file(path: str):
     with tempfile.TemporaryDirectory() as tmp:
         local = path
         if storage.is_s3(path):
-            data = storage.read_bytes(path)
-            if data is None:
-                raise FileNotFoundError(f"model file not found: {path}")
             local = os.path.join(tmp, "model.safetensors")
-            with open(local, "wb") as f:
-                f.write(data)
+            storage.download_file(path, local)
         elif not os.path.isfile(path):
             raise FileNotFoundError(f"model file not found: {path}")
         with safe_open(local, framework="pt") as f:

@@ -93,10 +93,10 @@ def resolve_resume(save_folder: Optional[str], run_name: str, local_dir: str) ->
 
     os.makedirs(local_dir, exist_ok=True)
     part = os.path.join(local_dir, mine + ".part")
-    _fetch(storage.join(folder, mine), part)
+    storage.download_file(storage.join(folder, mine), part)
     if needs_rank0_members:
         rank0_copy = os.path.join(local_dir, rank0_name + ".rank0")
-        _fetch(storage.join(folder, rank0_name), rank0_copy)
+        storage.download_file(storage.join(folder, rank0_name), rank0_copy)
         with tarfile.open(rank0_copy) as src, tarfile.open(part, "a") as dst:
             have = {x.name.lstrip("/") for x in dst.getmembers()}
             for member in src.getmembers():
@@ -107,17 +107,6 @@ def resolve_resume(save_folder: Optional[str], run_name: str, local_dir: str) ->
     os.replace(part, os.path.join(local_dir, mine))
     log.info("resuming from %s (fetched to %s)", storage.join(folder, template), local_dir)
     return os.path.join(local_dir, template)
-
-
-def _fetch(src: str, dst: str) -> None:
-    if storage.is_s3(src):
-        bucket, key = storage.split_s3(src)
-        try:
-            storage.s3_client(os.getpid()).download_file(bucket, key, dst)
-        except Exception as e:  # noqa: BLE001 - reworded with the object named
-            raise FileNotFoundError(f"cannot fetch checkpoint {src}: {e}") from None
-    else:
-        storage.upload_file(src, dst)  # a local copy (atomic)
 
 
 class RestoreRNG(Callback):

@@ -14,7 +14,7 @@ import sys
 import torch
 
 from dip_scale import storage
-from dip_scale.config import ConfigError, ExperimentConfig, to_dict, to_yaml
+from dip_scale.config import ConfigError, ExperimentConfig, spread_classes, to_dict, to_yaml
 
 log = logging.getLogger("dip_scale")
 
@@ -30,8 +30,7 @@ def _device_name(requested: str) -> str:
 def _sample_classes(cfg: ExperimentConfig) -> list[int]:
     if cfg.logging.sample_classes is not None:
         return list(cfg.logging.sample_classes)
-    k = cfg.model.num_classes
-    return sorted({round(i * (k - 1) / 7) for i in range(min(8, k))})
+    return spread_classes(cfg.model.num_classes)
 
 
 def train(cfg: ExperimentConfig) -> None:
