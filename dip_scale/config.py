@@ -24,6 +24,7 @@ HeadType = Literal["conv_unet", "mlp", "coord_mlp", "patch_attention", "none"]
 Placement = Literal["post_hoc", "intermediate", "hybrid"]
 ShuffleAlgo = Literal["py1e", "py1br", "py1b", "py1s", "py2s", "naive"]
 
+INCEPTION_FILENAME = "inception-2015-12-05.pt"  # the name clean-fid's InceptionV3W loads
 _TIME_RE = re.compile(r"^\d+(\.\d+)?(ep|ba|sp|tok|dur)$")
 
 
@@ -144,6 +145,41 @@ class LoggingConfig:
 
 
 @dataclass
+class KubernetesConfig:
+    """Where and how the `kubernetes` eval backend runs its Jobs (see docker/k8s/)."""
+
+    namespace: str = "default"
+    image: str = "dip-scale:latest"  # docker/Dockerfile; Inception weights baked in under /opt/dip_scale/weights
+    gpus: int = 1
+    cpu: str = "8"
+    memory: str = "64Gi"
+    service_account: Optional[str] = None
+    env_secret: Optional[str] = "dip-scale-s3"  # Secret with AWS_* and S3_ENDPOINT_URL, passed as envFrom
+    api_server: Optional[str] = None  # None: in-cluster (KUBERNETES_SERVICE_HOST + the pod's service account)
+    ttl_seconds_after_finished: int = 86400
+
+
+@dataclass
+class EvalConfig:
+    """FID of the EMA weights at every checkpoint, as a job outside the training loop."""
+
+    backend: Literal["none", "local", "kubernetes"] = "none"
+    num_samples: int = 50000  # paper: 50k, balanced over classes (50 per class), shuffled
+    batch_size: int = 125  # images generated per forward pass in the eval job
+    feature_mode: Literal["legacy_tensorflow", "clean"] = "legacy_tensorflow"  # clean-fid mode; legacy_tensorflow = ADM/paper numbers
+    # clean-fid's TorchScript Inception (inception-2015-12-05.pt), a local file where the job runs
+    inception_weights: Optional[str] = None
+    # mean/covariance of the reference set (.npz with mu, sigma: ADM's VIRTUAL_imagenet256_labeled.npz
+    # or tools/make_fid_stats.py output); local path or s3://
+    reference_stats: Optional[str] = None
+    seed: int = 0  # sample i uses noise seed seed + i
+    device: Literal["auto", "cpu", "gpu"] = "auto"  # of the eval job
+    max_parallel: int = 1  # local backend: eval processes at a time (the rest queue)
+    wait_at_end: bool = False  # local backend: training waits for queued evals before exiting
+    kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
+
+
+@dataclass
 class ExperimentConfig:
     run_name: str = "dip"
     run_dir: Optional[str] = None  # None: runs/<run_name>
@@ -160,6 +196,7 @@ class ExperimentConfig:
     )
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
@@ -437,8 +474,6 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
     if r.enabled:
         if not r.weights:
             errs.append("objective.repa.weights: REPA is enabled but no encoder weights file is given (a local path; nothing is downloaded)")
-        elif not os.path.isfile(r.weights):
-            errs.append(f"objective.repa.weights: file not found: {r.weights}")
         if not 1 <= r.align_block <= trunk.depth:
             errs.append(f"objective.repa.align_block: must be in 1..{trunk.depth}, got {r.align_block}")
         if r.weight < 0:
@@ -468,6 +503,22 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
     if len(s.cfg_interval) != 2 or not 0.0 <= s.cfg_interval[0] <= s.cfg_interval[1] <= 1.0:
         errs.append(f"sampler.cfg_interval: expected [low, high] with 0 <= low <= high <= 1, got {s.cfg_interval}")
 
+    ev = cfg.eval
+    for name in ("num_samples", "batch_size", "max_parallel"):
+        if getattr(ev, name) < (2 if name == "num_samples" else 1):
+            errs.append(f"eval.{name}: must be >= {2 if name == 'num_samples' else 1}, got {getattr(ev, name)}")
+    if ev.kubernetes.gpus < 0:
+        errs.append(f"eval.kubernetes.gpus: must be >= 0, got {ev.kubernetes.gpus}")
+    if ev.backend != "none":
+        if not cfg.trainer.save_folder:
+            errs.append(f"eval.backend: {ev.backend!r} evaluates the EMA files exported under trainer.save_folder, which is not set")
+        if not ev.inception_weights:
+            errs.append("eval.inception_weights: needed by eval.backend != none (clean-fid's inception-2015-12-05.pt; nothing is downloaded)")
+        elif os.path.basename(ev.inception_weights) != INCEPTION_FILENAME:
+            errs.append(f"eval.inception_weights: clean-fid loads a file named {INCEPTION_FILENAME}, got {ev.inception_weights}")
+        if not ev.reference_stats:
+            errs.append("eval.reference_stats: needed by eval.backend != none (.npz with mu and sigma; see tools/make_fid_stats.py)")
+
     lg = cfg.logging
     if lg.sample_classes is not None and any(not 0 <= c < m.num_classes for c in lg.sample_classes):
         errs.append(f"logging.sample_classes: class ids must be in 0..{m.num_classes - 1}, got {lg.sample_classes}")
@@ -487,15 +538,35 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
     return errs
 
 
-def load_config_or_exit(argv: list[str], usage: str) -> ExperimentConfig:
+def missing_files(cfg: ExperimentConfig) -> list[str]:
+    """Local input files a training run on this machine reads, checked before anything heavy
+    starts. Separate from load_config: summaries and printing need no weights on disk."""
+    errs = []
+    r, ev = cfg.objective.repa, cfg.eval
+    if r.enabled and r.weights and not os.path.isfile(r.weights):
+        errs.append(f"objective.repa.weights: file not found: {r.weights}")
+    if ev.backend == "local":  # a Kubernetes Job reads its files inside its own image / from S3
+        for key in ("inception_weights", "reference_stats"):
+            path = getattr(ev, key)
+            if path and not path.startswith("s3://") and not os.path.isfile(path):
+                errs.append(f"eval.{key}: file not found: {path}")
+    return errs
+
+
+def load_config_or_exit(argv: list[str], usage: str, check_files: bool = False) -> ExperimentConfig:
     """Command-line front door: `CONFIG.yaml [key.path=value ...]` -> a validated config, or the
-    usage / one-paragraph error on stderr and exit status 2 (never a traceback)."""
+    usage / one-paragraph error on stderr and exit status 2 (never a traceback). `check_files`:
+    also require the run's local input files (missing_files)."""
     path, overrides = split_argv(argv)
     if path is None and not overrides:
         print(usage, file=sys.stderr)
         raise SystemExit(2)
     try:
-        return load_config(path, overrides)
+        cfg = load_config(path, overrides)
+        errors = missing_files(cfg) if check_files else []
+        if errors:
+            raise ConfigError(f"invalid config in {path}:\n  " + "\n  ".join(errors))
+        return cfg
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

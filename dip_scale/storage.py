@@ -59,6 +59,22 @@ def read_bytes(path: str) -> Optional[bytes]:
         return f.read()
 
 
+def exists(path: str) -> bool:
+    """Whether the object or file exists (a HEAD request on S3: nothing is downloaded)."""
+    if is_s3(path):
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(path)
+        try:
+            _client().head_object(Bucket=bucket, Key=key)
+            return True
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+    return os.path.isfile(path)
+
+
 def write_bytes(path: str, data: bytes) -> None:
     """Write atomically: a reader sees the old object or the whole new one, never a part."""
     if is_s3(path):

@@ -17,7 +17,7 @@ from dip_scale.config import ConfigError, load_config_or_exit  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg = load_config_or_exit(sys.argv[1:] if argv is None else argv, "usage: dip_scale/train.py CONFIG.yaml [key.path=value ...]")
+        cfg = load_config_or_exit(sys.argv[1:] if argv is None else argv, "usage: dip_scale/train.py CONFIG.yaml [key.path=value ...]", check_files=True)
     except SystemExit as e:
         return int(e.code)
     import logging

@@ -38,28 +38,55 @@ def save_png(img: Image.Image, path: str) -> str:
     return path
 
 
-def plot_metrics(jsonl_path: str, png_path: str, keys: Sequence[str] = ("loss",)) -> str:
-    """Curves of metrics.jsonl columns against the step, as a PNG (no tracking service needed)."""
+def _read_jsonl(path: str) -> list[dict]:
     import json
 
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _plot(png_path: str, draw) -> str:
+    """One 6x3.5in matplotlib figure drawn by `draw(ax)`, saved as a PNG (headless backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(jsonl_path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    for key in keys:
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        if pts:
-            ax.plot(*zip(*pts), label=key, linewidth=1)
+    draw(ax)
     ax.set_xlabel("step (batches)")
-    ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend()
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
     fig.savefig(png_path)
     plt.close(fig)
     return png_path
+
+
+def plot_metrics(jsonl_path: str, png_path: str, keys: Sequence[str] = ("loss",)) -> str:
+    """Curves of metrics.jsonl columns against the step, as a PNG (no tracking service needed)."""
+    rows = _read_jsonl(jsonl_path)
+
+    def draw(ax):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts), label=key, linewidth=1)
+        ax.set_yscale("log")
+        ax.legend()
+
+    return _plot(png_path, draw)
+
+
+def plot_fid(jsonl_path: str, png_path: str) -> str:
+    """FID against training step from <run_dir>/fid.jsonl (the last result per step counts)."""
+    by_step = {r["step"]: r["fid"] for r in _read_jsonl(jsonl_path)}
+    steps = sorted(by_step)
+
+    def draw(ax):
+        ax.plot(steps, [by_step[s] for s in steps], marker="o", linewidth=1)
+        for s in steps:
+            ax.annotate(f"{by_step[s]:.3g}", (s, by_step[s]), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=7)
+        ax.set_ylabel("FID (EMA weights)")
+
+    return _plot(png_path, draw)

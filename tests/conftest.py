@@ -119,3 +119,24 @@ def fake_dinov2_weights(tmp_path) -> str:
     path = tmp_path / "dinov2_tiny.pth"
     torch.save(vit.state_dict(), path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_mds(tmp_path_factory) -> str:
+    """64 images in 4 classes at 32x32, converted with the real converter."""
+    root = tmp_path_factory.mktemp("train-data")
+    load_tool("make_demo_data").make(str(root / "tree"), classes=4, train_per_class=16, val_per_class=1,
+                                     val_layout="folders", oddities=False, seed=4)
+    proc = subprocess.run(
+        [PYTHON, str(ROOT / "tools" / "convert_imagenet_mds.py"), "--src", str(root / "tree"), "--out", str(root / "mds"),
+         "--splits", "train", "--resolution", "32", "--workers", "2"],
+        capture_output=True, text=True, env=env_with_repo_on_path(), timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return str(root / "mds")
+
+
+@pytest.fixture(scope="session")
+def standin_inception(tmp_path_factory) -> str:
+    """A small TorchScript net with clean-fid's Inception interface, under the file name clean-fid loads."""
+    return load_tool("make_standin_inception").write(str(tmp_path_factory.mktemp("inception") / "inception-2015-12-05.pt"))

@@ -15,8 +15,8 @@ YAMLS = sorted((ROOT / "yamls").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
-def test_every_yaml_loads_and_round_trips(path, tmp_path, fake_dinov2_weights):
-    cfg = load_config(str(path), [f"objective.repa.weights={fake_dinov2_weights}"])
+def test_every_yaml_loads_and_round_trips(path, tmp_path):
+    cfg = load_config(str(path))
     dumped = tmp_path / "resolved.yaml"
     dumped.write_text(to_yaml(cfg))
     assert load_config(str(dumped)) == cfg
@@ -99,7 +99,14 @@ def test_base_inheritance_merges_deeply():
         (["model.head.channels=[8,16,32,64,128]"], ["model.head.channels", "divisible by 32"]),
         (["model.image_size=250"], ["model.image_size", "multiple of the patch size 16"]),
         (["objective.repa.enabled=true"], ["objective.repa.weights", "no encoder weights file"]),
-        (["objective.repa.enabled=true", "objective.repa.weights=/nope/dinov2.pth"], ["file not found: /nope/dinov2.pth"]),
+        (["eval.backend=local"], ["eval.backend: 'local' evaluates the EMA files exported under trainer.save_folder",
+                                  "eval.inception_weights: needed", "eval.reference_stats: needed"]),
+        (["eval.backend=k8s"], ["eval.backend", "valid choices: none, local, kubernetes"]),
+        (["eval.backend=local", "trainer.save_folder=ck", "eval.inception_weights=/w/inception.pt", "eval.reference_stats=r.npz"],
+         ["eval.inception_weights: clean-fid loads a file named inception-2015-12-05.pt"]),
+        (["eval.feature_mode=legacy_pytorch"], ["eval.feature_mode", "legacy_tensorflow, clean"]),
+        (["eval.num_samples=1"], ["eval.num_samples: must be >= 2"]),
+        (["eval.kubernetes.gpu=1"], ["unknown key 'eval.kubernetes.gpu'", "did you mean 'gpus'"]),
         (["ema.decay=1.5"], ["ema.decay: must be in (0, 1)"]),
         (["sampler.cfg_interval=[0.9, 0.1]"], ["sampler.cfg_interval"]),
         (["logging.sample_classes=[5000]"], ["logging.sample_classes", "0..999"]),
@@ -133,6 +140,23 @@ def test_bad_yaml_files(tmp_path):
         load_config(str(tmp_path / "loop.yaml"))
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_train_entry_requires_the_runs_local_files_but_summaries_do_not(tmp_path):
+    """Weights a run reads (REPA encoder, Inception, reference statistics) are checked by the
+    training entry before anything starts; printing or summarising a config needs none of them."""
+    args = ["objective.repa.enabled=true", "objective.repa.align_block=2", "objective.repa.weights=/nope/dinov2.pth", "eval.backend=local",
+            f"trainer.save_folder={tmp_path}/ck", "eval.inception_weights=/nope/inception-2015-12-05.pt",
+            f"eval.reference_stats={tmp_path}/ref.npz"]
+    proc = subprocess.run([PYTHON, str(ROOT / "dip_scale" / "train.py"), str(ROOT / "yamls" / "dip_tiny_cpu.yaml"), *args],
+                          capture_output=True, text=True, env=env_with_repo_on_path(), timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    for text in ("objective.repa.weights: file not found: /nope/dinov2.pth",
+                 "eval.inception_weights: file not found: /nope/inception-2015-12-05.pt", f"eval.reference_stats: file not found: {tmp_path}/ref.npz"):
+        assert text in proc.stderr
+    summary = subprocess.run([PYTHON, str(ROOT / "tools" / "model_summary.py"), str(ROOT / "yamls" / "dip_xl16_600ep.yaml")],
+                             capture_output=True, text=True, env=env_with_repo_on_path(), timeout=120)
+    assert summary.returncode == 0, summary.stderr
 
 
 def test_train_entry_rejects_a_bad_yaml_without_traceback_or_heavy_imports(tmp_path):

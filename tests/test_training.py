@@ -21,21 +21,6 @@ pytestmark = pytest.mark.slow
 LAST = 120  # steps of the resume tests (tiny_overrides' max_duration), checkpoints every 10
 
 
-@pytest.fixture(scope="session")
-def tiny_mds(tmp_path_factory) -> str:
-    """64 images in 4 classes at 32x32, converted with the real converter."""
-    root = tmp_path_factory.mktemp("train-data")
-    load_tool("make_demo_data").make(str(root / "tree"), classes=4, train_per_class=16, val_per_class=1,
-                                     val_layout="folders", oddities=False, seed=4)
-    proc = subprocess.run(
-        [PYTHON, str(ROOT / "tools" / "convert_imagenet_mds.py"), "--src", str(root / "tree"), "--out", str(root / "mds"),
-         "--splits", "train", "--resolution", "32", "--workers", "2"],
-        capture_output=True, text=True, env=env_with_repo_on_path(), timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return str(root / "mds")
-
-
 def at_step(folder: Path, pattern: str, step: int) -> Path:
     """The one file in folder matching pattern with '{step}' filled, e.g. 'ema/ep*-ba{step}.safetensors'."""
     found = list(Path(folder).glob(pattern.format(step=step)))

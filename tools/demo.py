@@ -3,13 +3,17 @@
   1. build an ImageNet-layout folder offline: one class per scikit-image sample photograph,
      filled with random crops (tools/make_demo_data.py)           -> data/demo-imagenet/
   2. convert it to MDS shards at 64x64 (tools/convert_imagenet_mds.py) -> data/demo-mds/
-  3. train yamls/dip_tiny_cpu.yaml with DeepSpeed ZeRO-2 on 2 CPU processes under the real
-     `composer` launcher, EMA sample grids along the way          -> runs/dip-tiny-cpu/
-  4. plot the loss curve and say where everything is.
+  3. FID reference statistics of the training split, with a stand-in for clean-fid's Inception
+     (the real weights cannot be downloaded here; tools/make_standin_inception.py)
+                                                                  -> data/demo-fid/, data/demo-weights/
+  4. train yamls/dip_tiny_cpu.yaml with DeepSpeed ZeRO-2 on 2 CPU processes under the real
+     `composer` launcher, EMA sample grids along the way, an FID job (local child process) at
+     every checkpoint                                             -> runs/dip-tiny-cpu/
+  5. plot the loss curve and say where everything is.
 
     python tools/demo.py [--steps 800] [--nproc 2] [key.path=value ...]
 
-Steps 1-2 are skipped when their output exists; training resumes from its last checkpoint when
+Steps 1-3 are skipped when their output exists; training resumes from its last checkpoint when
 re-run (use --fresh to start over). Extra key=value arguments override the YAML.
 """
 from __future__ import annotations
@@ -49,20 +53,31 @@ def main() -> int:
         print(f"demo: {e}", file=sys.stderr)
         return 2
 
-    step("1/4 demo ImageNet folder from scikit-image's sample photographs")
+    step("1/5 demo ImageNet folder from scikit-image's sample photographs")
     if os.path.isdir(os.path.join(src, "train")):
         print(f"{src} exists, kept")
     else:
         subprocess.run([python, "tools/make_demo_data.py", "--out", src, "--classes", str(cfg.model.num_classes)], check=True)
 
-    step("2/4 convert to MDS shards (ADM centre crop to 64x64, lossless PNG)")
+    step("2/5 convert to MDS shards (ADM centre crop to 64x64, lossless PNG)")
     if os.path.isfile(os.path.join(mds, "dataset.json")):
         print(f"{mds} exists, kept")
     else:
         subprocess.run([python, "tools/convert_imagenet_mds.py", "--src", src, "--out", mds, "--splits", "train",
                         "--resolution", str(cfg.model.image_size), "--workers", str(min(2, os.cpu_count() or 1))], check=True)
 
-    step(f"3/4 train {yaml_path} for {cfg.trainer.max_duration}: DeepSpeed ZeRO-{cfg.deepspeed['zero_optimization']['stage']} on {args.nproc} CPU processes")
+    step("3/5 FID reference statistics (stand-in Inception: FIDs show the trend, not paper numbers)")
+    ev = cfg.eval
+    if ev.backend != "none":
+        if not os.path.isfile(ev.inception_weights):
+            subprocess.run([python, "tools/make_standin_inception.py", "--out", ev.inception_weights], check=True)
+        if os.path.isfile(ev.reference_stats):
+            print(f"{ev.reference_stats} exists, kept")
+        else:
+            subprocess.run([python, "tools/make_fid_stats.py", "--data", mds, "--split", "train", "--inception", ev.inception_weights,
+                            "--out", ev.reference_stats, "--feature-mode", ev.feature_mode, "--device", "cpu"], check=True)
+
+    step(f"4/5 train {yaml_path} for {cfg.trainer.max_duration}: DeepSpeed ZeRO-{cfg.deepspeed['zero_optimization']['stage']} on {args.nproc} CPU processes")
     run_dir = cfg.resolved_run_dir
     if args.fresh:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -72,7 +87,7 @@ def main() -> int:
         print(f"demo: training failed (exit {proc.returncode})", file=sys.stderr)
         return proc.returncode
 
-    step("4/4 results")
+    step("5/5 results")
     from dip_scale.visual import plot_metrics
 
     curve = plot_metrics(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "loss.png"))
@@ -80,6 +95,8 @@ def main() -> int:
     print(f"loss curve:        {curve}")
     print(f"EMA sample grids:  {', '.join(samples)}")
     print(f"metrics per step:  {os.path.join(run_dir, 'metrics.jsonl')}")
+    if os.path.isfile(os.path.join(run_dir, "fid.png")):
+        print(f"FID per checkpoint: {os.path.join(run_dir, 'fid.png')}  (results + sample grids: {os.path.join(run_dir, 'checkpoints', 'eval')}/)")
     print(f"EMA weights:       {os.path.join(run_dir, 'checkpoints', 'ema')}/  (python tools/sample.py <file> --out grid.png)")
     return 0
 

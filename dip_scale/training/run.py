@@ -117,6 +117,12 @@ def train(cfg: ExperimentConfig) -> None:
                    os.path.join(run_dir, "samples"), class_names=[c["name"] for c in info.classes] if info else None),
         SpeedMonitor(window_size=50, gpu_flops_available=cfg.logging.peak_flops),
     ]
+    evals = None
+    if cfg.eval.backend != "none":
+        from dip_scale.eval.dispatch import EvalDispatch
+
+        evals = EvalDispatch(ema, cfg, run_dir)
+        callbacks.insert(callbacks.index(ema) + 1, evals)  # right after the export it evaluates
     skip_cpu_shm_op()
     trainer = Trainer(
         model=composer_model,
@@ -155,6 +161,8 @@ def train(cfg: ExperimentConfig) -> None:
             cb._symlink_upload_wait_before_next_try_in_seconds = 1.0
     trainer.fit()
     trainer.close()
+    if rank == 0 and evals is not None and cfg.eval.wait_at_end:
+        evals.wait()
     if rank == 0:
         print(f"\ndone: {cfg.run_name} at batch {trainer.state.timestamp.batch.value}", file=sys.stderr)
         print(f"  metrics:      {os.path.join(run_dir, 'metrics.jsonl')}", file=sys.stderr)
@@ -165,3 +173,5 @@ def train(cfg: ExperimentConfig) -> None:
                 print(f"  sample grid:  {cb.written[-1]}", file=sys.stderr)
         if t.save_folder:
             print(f"  checkpoints:  {t.save_folder.replace('{run_name}', cfg.run_name)}", file=sys.stderr)
+        if evals is not None and evals.results:
+            print(f"  FID curve:    {os.path.join(run_dir, 'fid.png')} (last: {evals.results[-1]['fid']:.3f})", file=sys.stderr)

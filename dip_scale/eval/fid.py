@@ -1,0 +1,158 @@
+"""FID of one model file: class-balanced samples from the paper's sampler, streamed through
+clean-fid's Inception into running statistics, compared with reference statistics by clean-fid's
+`frechet_distance`. The result is stored with its whole protocol (DESIGN §5).
+
+    python -m dip_scale.eval.fid MODEL_FILE --reference REF.npz \\
+        --inception /opt/dip_scale/weights/inception-2015-12-05.pt --out RESULT.json \\
+        [--num-samples 50000 --batch-size 125 --feature-mode legacy_tensorflow \\
+         --method euler --steps 100 --cfg-scale 2.9 --cfg-interval 0.03,0.89 --seed 0 --grid G.png]
+
+MODEL_FILE is an EMA export (`<save_folder>/ema/<checkpoint>.safetensors`); every path may be
+local or s3://. This is the command the eval dispatcher runs, locally or in a Kubernetes Job.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+from dip_scale import storage
+from dip_scale.config import EvalConfig, SamplerConfig
+
+
+def eval_labels(num_samples: int, num_classes: int, seed: int) -> list[int]:
+    """Class-balanced labels (each class num_samples/num_classes times, ±1), in a seeded random
+    order so any prefix of the run is balanced too."""
+    labels = np.arange(num_samples) % num_classes
+    return np.random.default_rng(seed).permutation(labels).tolist()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "gpu" if torch.cuda.is_available() else "cpu"
+    if name == "gpu" and not torch.cuda.is_available():
+        raise RuntimeError("device 'gpu' requested but no CUDA device is visible")
+    return torch.device("cuda" if name == "gpu" else "cpu")
+
+
+def evaluate(
+    model_file: str,
+    reference: str,
+    inception: str,
+    *,
+    num_samples: int,
+    batch_size: int,
+    feature_mode: str,
+    sampler: SamplerConfig,
+    seed: int = 0,
+    device: str = "auto",
+    grid: Optional[str] = None,
+    progress: bool = True,
+) -> dict:
+    """-> the result record (FID + protocol). `grid`: also write the first batch as a PNG there."""
+    from cleanfid.fid import frechet_distance
+    from tqdm.auto import tqdm
+
+    from dip_scale.diffusion.sampler import sample, to_uint8
+    from dip_scale.eval.features import FeatureStats, load_feature_extractor, load_reference, sha256_of
+    from dip_scale.models.export import read_model_file
+    from dip_scale.visual import image_grid
+
+    t0 = time.time()
+    dev = resolve_device(device)
+    mu_ref, sigma_ref, ref_meta = load_reference(reference)  # cheap checks first
+    if ref_meta.get("feature_mode", feature_mode) != feature_mode:
+        raise ValueError(f"{reference} holds {ref_meta['feature_mode']!r} features; this evaluation uses {feature_mode!r}")
+    model, model_cfg, meta = read_model_file(model_file)
+    model = model.to(dev)
+    extract = load_feature_extractor(inception, feature_mode, dev)
+    k = model_cfg.num_classes
+    labels = eval_labels(num_samples, k, seed)
+    stats = FeatureStats()
+    bar = tqdm(total=num_samples, desc="FID samples", unit="img", disable=not progress)
+    for start in range(0, num_samples, batch_size):
+        batch = labels[start : start + batch_size]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            images = sample(model, torch.tensor(batch, device=dev), list(range(seed + start, seed + start + len(batch))),
+                            image_size=model_cfg.image_size, null_class=k, steps=sampler.steps, method=sampler.method,
+                            cfg_scale=sampler.cfg_scale, cfg_interval=sampler.cfg_interval)
+        stats.add(extract(to_uint8(images).numpy()))
+        if start == 0 and grid:
+            buf = io.BytesIO()
+            image_grid(images[:32].float().cpu(), titles=[str(c) for c in batch[:32]]).save(buf, format="PNG")
+            storage.write_bytes(grid, buf.getvalue())
+        bar.update(len(batch))
+    bar.close()
+    mu, sigma = stats.mean_cov()
+    fid = float(frechet_distance(mu, sigma, mu_ref, sigma_ref))
+    return {
+        "fid": fid,
+        "step": int(meta["step"]) if "step" in meta else None,
+        "epoch": int(meta["epoch"]) if "epoch" in meta else None,
+        "run_name": meta.get("run_name"),
+        "model_file": model_file,
+        "num_samples": num_samples,
+        "feature_mode": feature_mode,
+        "inception": {"path": inception, "sha256": sha256_of(inception)},
+        "reference": {"path": reference, "sha256": sha256_of(reference), **ref_meta},
+        "sampler": {"method": sampler.method, "steps": sampler.steps, "cfg_scale": sampler.cfg_scale, "cfg_interval": list(sampler.cfg_interval)},
+        "seed": seed,
+        "device": str(dev),
+        "seconds": round(time.time() - t0, 1),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def command(model_file: str, out: str, ev: EvalConfig, sampler: SamplerConfig, python: str = "python", grid: Optional[str] = None) -> list[str]:
+    """The argv of an eval job for `model_file`, from the experiment's eval and sampler sections."""
+    argv = [python, "-m", "dip_scale.eval.fid", model_file, "--reference", ev.reference_stats, "--inception", ev.inception_weights,
+            "--out", out, "--num-samples", str(ev.num_samples), "--batch-size", str(ev.batch_size),
+            "--feature-mode", ev.feature_mode, "--method", sampler.method, "--steps", str(sampler.steps),
+            "--cfg-scale", str(sampler.cfg_scale), "--cfg-interval", ",".join(map(str, sampler.cfg_interval)),
+            "--seed", str(ev.seed), "--device", ev.device]
+    return argv + (["--grid", grid] if grid else [])
+
+
+def main(argv=None) -> int:
+    e, s = EvalConfig(), SamplerConfig()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model_file")
+    ap.add_argument("--reference", required=True, help=".npz with mu and sigma (local or s3://)")
+    ap.add_argument("--inception", required=True, help="local path of inception-2015-12-05.pt")
+    ap.add_argument("--out", required=True, help="result JSON (local or s3://)")
+    ap.add_argument("--grid", default=None, help="PNG of the first samples (local or s3://)")
+    ap.add_argument("--num-samples", type=int, default=e.num_samples)
+    ap.add_argument("--batch-size", type=int, default=e.batch_size)
+    ap.add_argument("--feature-mode", default=e.feature_mode, choices=["legacy_tensorflow", "clean"])
+    ap.add_argument("--method", default=s.method, choices=["euler", "heun"])
+    ap.add_argument("--steps", type=int, default=s.steps)
+    ap.add_argument("--cfg-scale", type=float, default=s.cfg_scale)
+    ap.add_argument("--cfg-interval", default=",".join(map(str, s.cfg_interval)), help="low,high in t (t = 1 is noise)")
+    ap.add_argument("--seed", type=int, default=e.seed)
+    ap.add_argument("--device", default=e.device, choices=["auto", "cpu", "gpu"])
+    args = ap.parse_args(argv)
+    if args.num_samples < 2 or args.batch_size < 1:
+        ap.error("--num-samples must be >= 2 and --batch-size >= 1")
+    lo, hi = (float(x) for x in args.cfg_interval.split(","))
+    sampler = SamplerConfig(method=args.method, steps=args.steps, cfg_scale=args.cfg_scale, cfg_interval=[lo, hi])
+    try:
+        result = evaluate(args.model_file, args.reference, args.inception, num_samples=args.num_samples,
+                          batch_size=args.batch_size, feature_mode=args.feature_mode, sampler=sampler,
+                          seed=args.seed, device=args.device, grid=args.grid)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"dip_scale.eval.fid: {err}", file=sys.stderr)
+        return 2
+    storage.write_bytes(args.out, (json.dumps(result, indent=1) + "\n").encode())
+    print(f"FID {result['fid']:.3f} ({args.num_samples} samples, {args.feature_mode}) -> {args.out}", file=sys.stderr)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

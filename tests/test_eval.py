@@ -1,0 +1,281 @@
+"""Evaluation: clean-fid features and statistics, the FID job (local files and S3), and its
+dispatch at every checkpoint of a real training run (local processes, Kubernetes Jobs)."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import PYTHON, ROOT, env_with_repo_on_path
+from training_helpers import logs, run, tiny_overrides
+
+from dip_scale import storage
+from dip_scale.config import EvalConfig, KubernetesConfig, ModelConfig, SamplerConfig
+from dip_scale.eval.features import FeatureStats, load_feature_extractor, load_reference, save_reference
+
+
+def _images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    """Smooth random colour fields (uint8, N x H x W x 3): not constant, not white noise."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 4, 4, generator=g)
+    return (torch.nn.functional.interpolate(low, size=size, mode="bilinear") * 255).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def _fid_cli(*args: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "dip_scale.eval.fid", *args], capture_output=True, text=True,
+                          env=env or env_with_repo_on_path(), cwd=ROOT, timeout=300)
+
+
+def _tiny_model_file(path: str) -> ModelConfig:
+    from dip_scale.models import build_model
+    from dip_scale.models.export import write_model_file
+
+    cfg = ModelConfig(preset="tiny/16", image_size=32, num_classes=4)
+    cfg.head.channels = [8, 16, 32, 64]
+    torch.manual_seed(0)
+    write_model_file(path, build_model(cfg).state_dict(), cfg, step=7, epoch=1, run_name="unit")
+    return cfg
+
+
+def test_running_statistics_equal_numpy_mean_and_cov():
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(300, 2048)) * rng.uniform(0.1, 3, size=2048) + rng.normal(size=2048)
+    a, b = FeatureStats(), FeatureStats()
+    a.add(feats[:100])
+    a.add(feats[100:170])
+    b.add(feats[170:])
+    a.merge(b)  # partial sums from several processes add up
+    mu, cov = a.mean_cov()
+    assert a.n == 300
+    np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(cov, np.cov(feats, rowvar=False), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["clean", "legacy_tensorflow"])
+def test_features_equal_clean_fids_own_folder_pipeline(mode, standin_inception, tmp_path):
+    """Our in-memory path (uint8 arrays from the sampler) gives the features clean-fid computes
+    for the same images saved as PNG files and read by its own loader."""
+    from cleanfid.fid import get_folder_features
+    from cleanfid.inception_torchscript import InceptionV3W
+
+    images = _images(10)
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(tmp_path / f"{i:03d}.png")
+    net = InceptionV3W(str(Path(standin_inception).parent), download=False, resize_inside=mode == "legacy_tensorflow").eval()
+    theirs = get_folder_features(str(tmp_path), model=net, num_workers=0, batch_size=4, device=torch.device("cpu"), mode=mode, verbose=False)
+    ours = load_feature_extractor(standin_inception, mode, torch.device("cpu"))(images)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert ours.std(0).mean() > 0  # the images are told apart
+
+
+def test_feature_extractor_refuses_other_files(tmp_path):
+    other = tmp_path / "inception.pt"
+    other.write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match="inception-2015-12-05.pt"):
+        load_feature_extractor(str(other), "clean", torch.device("cpu"))
+
+
+def test_eval_labels_are_balanced_shuffled_and_seeded():
+    from dip_scale.eval.fid import eval_labels
+
+    labels = eval_labels(1000, 10, seed=3)
+    assert np.bincount(labels).tolist() == [100] * 10
+    assert labels != sorted(labels) and labels == eval_labels(1000, 10, seed=3) and labels != eval_labels(1000, 10, seed=4)
+    assert np.bincount(eval_labels(1003, 10, 0)).tolist() == [101, 101, 101] + [100] * 7
+
+
+def test_reference_statistics_from_a_converted_split_through_s3(tiny_mds, standin_inception, s3):
+    out = f"{s3['url']}/fid/train.npz"
+    proc = subprocess.run([PYTHON, str(ROOT / "tools" / "make_fid_stats.py"), "--data", tiny_mds, "--inception", standin_inception,
+                           "--out", out, "--feature-mode", "clean", "--batch-size", "16", "--device", "cpu"],
+                          capture_output=True, text=True, env=env_with_repo_on_path(**s3["env"]), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    mu, sigma, meta = load_reference(out)
+    assert meta["num_images"] == 64 and meta["feature_mode"] == "clean" and meta["source"].endswith("/train")
+    # the same numbers as features of the decoded shards computed here
+    from streaming import StreamingDataset
+
+    from dip_scale.data.imagenet import to_tensor_array
+
+    ds = StreamingDataset(local=f"{tiny_mds}/train", shuffle=False, batch_size=1)
+    images = np.stack([to_tensor_array(ds[i]["image"]) for i in range(len(ds))])
+    feats = load_feature_extractor(standin_inception, "clean", torch.device("cpu"))(images)
+    np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(sigma, np.cov(feats, rowvar=False), rtol=1e-5, atol=1e-8)
+
+
+def test_fid_job_through_s3_matches_clean_fid_on_the_same_samples(standin_inception, s3, tmp_path):
+    """The FID job reads the model and reference from S3, writes result + grid to S3, is
+    reproducible, and its number equals clean-fid's own folder pipeline + frechet_distance run
+    on the same samples saved as PNG files."""
+    from cleanfid.fid import frechet_distance, get_folder_features
+    from cleanfid.inception_torchscript import InceptionV3W
+
+    from dip_scale.diffusion.sampler import sample, to_uint8
+    from dip_scale.eval.fid import eval_labels
+    from dip_scale.models.export import read_model_file
+
+    model_file = f"{s3['url']}/run/checkpoints/ema/ep1-ba7.safetensors"
+    _tiny_model_file(model_file)
+    ref_stats = FeatureStats()
+    ref_stats.add(load_feature_extractor(standin_inception, "clean", torch.device("cpu"))(_images(40, seed=1)))
+    reference = f"{s3['url']}/fid/ref.npz"
+    save_reference(reference, ref_stats, feature_mode="clean")
+    env = env_with_repo_on_path(**s3["env"])
+    common = ["--reference", reference, "--inception", standin_inception, "--num-samples", "24", "--batch-size", "10",
+              "--steps", "3", "--cfg-scale", "2.0", "--feature-mode", "clean", "--seed", "5", "--device", "cpu"]
+    proc = _fid_cli(model_file, *common, "--out", f"{s3['url']}/run/checkpoints/eval/ep1-ba7.json",
+                    "--grid", f"{s3['url']}/run/checkpoints/eval/ep1-ba7.png", env=env)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(storage.read_bytes(f"{s3['url']}/run/checkpoints/eval/ep1-ba7.json"))
+    assert math.isfinite(result["fid"]) and result["fid"] > 0
+    assert result["step"] == 7 and result["num_samples"] == 24 and result["feature_mode"] == "clean"
+    assert result["sampler"] == {"method": "euler", "steps": 3, "cfg_scale": 2.0, "cfg_interval": [0.03, 0.89]}
+    assert len(result["reference"]["sha256"]) == 64 and len(result["inception"]["sha256"]) == 64
+    assert storage.read_bytes(f"{s3['url']}/run/checkpoints/eval/ep1-ba7.png")[:4] == b"\x89PNG"
+    again = _fid_cli(model_file, *common, "--out", str(tmp_path / "again.json"), env=env)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "again.json").read_text())["fid"] == result["fid"]
+
+    model, cfg, _ = read_model_file(model_file)
+    labels = eval_labels(24, cfg.num_classes, 5)
+    images = to_uint8(sample(model, torch.tensor(labels), list(range(5, 29)), image_size=32, null_class=4, steps=3,
+                             cfg_scale=2.0, cfg_interval=(0.03, 0.89))).numpy()
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(tmp_path / f"{i:03d}.png")
+    net = InceptionV3W(str(Path(standin_inception).parent), download=False).eval()
+    feats = get_folder_features(str(tmp_path), model=net, num_workers=0, device=torch.device("cpu"), mode="clean", verbose=False)
+    mu_ref, sigma_ref, _ = load_reference(reference)
+    expected = frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), mu_ref, sigma_ref)
+    assert result["fid"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_fid_job_bad_inputs_fail_early_with_the_reason(standin_inception, tmp_path):
+    model_file = str(tmp_path / "m.safetensors")
+    _tiny_model_file(model_file)
+    stats = FeatureStats()
+    stats.add(np.random.default_rng(0).normal(size=(4, 2048)))
+    save_reference(str(tmp_path / "ref.npz"), stats, feature_mode="clean")
+    args = ["--inception", standin_inception, "--out", str(tmp_path / "r.json"), "--num-samples", "4", "--device", "cpu"]
+    proc = _fid_cli(model_file, "--reference", str(tmp_path / "ref.npz"), "--feature-mode", "legacy_tensorflow", *args)
+    assert proc.returncode == 2 and "holds 'clean' features" in proc.stderr
+    proc = _fid_cli(model_file, "--reference", str(tmp_path / "missing.npz"), *args)
+    assert proc.returncode == 2 and "reference statistics not found" in proc.stderr
+    np.savez(tmp_path / "junk.npz", a=np.zeros(3))
+    proc = _fid_cli(model_file, "--reference", str(tmp_path / "junk.npz"), *args)
+    assert proc.returncode == 2 and "missing mu, sigma" in proc.stderr
+    assert not (tmp_path / "r.json").exists() and "Traceback" not in proc.stderr
+
+
+def _eval_overrides(tiny_mds: str, tmp_path: Path, save_folder: str, reference: str, inception: str, **extra) -> list[str]:
+    return tiny_overrides(tiny_mds, tmp_path / "run", save_folder, **{
+        "trainer.max_duration": "20ba", "trainer.save_interval": "10ba", "eval.backend": "local",
+        "eval.num_samples": 12, "eval.batch_size": 12, "eval.inception_weights": inception, "eval.reference_stats": reference,
+        "eval.feature_mode": "clean", "eval.device": "cpu", "eval.wait_at_end": "true", **extra})
+
+
+@pytest.mark.slow
+def test_training_dispatches_a_local_fid_job_per_checkpoint(tiny_mds, standin_inception, tmp_path):
+    reference = tmp_path / "ref.npz"
+    stats = FeatureStats()
+    stats.add(load_feature_extractor(standin_inception, "clean", torch.device("cpu"))(_images(32)))
+    save_reference(str(reference), stats, feature_mode="clean")
+    ckpt = tmp_path / "ckpt"
+    run(_eval_overrides(tiny_mds, tmp_path, str(ckpt), str(reference), standin_inception), cwd=tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "fid.jsonl").read_text().splitlines()]
+    assert sorted(r["step"] for r in rows) == [10, 20], logs(tmp_path)
+    for r in rows:
+        result = json.loads(Path(r["result"]).read_text())
+        assert result["step"] == r["step"] and result["fid"] == r["fid"] and result["num_samples"] == 12
+        assert Path(result["model_file"]).exists() and Path(r["result"]).with_suffix(".png").exists()
+        assert (tmp_path / "run" / "eval" / f"{Path(r['result']).stem}.log").exists()
+    assert (tmp_path / "run" / "fid.png").read_bytes()[:4] == b"\x89PNG"
+
+
+class _FakeKubernetesAPI(BaseHTTPRequestHandler):
+    """The one Kubernetes API call the dispatcher makes: create a Job (201, or 409 if it exists)."""
+
+    jobs: dict = {}
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        ns = self.path.split("/")[5]
+        ok = self.path == f"/apis/batch/v1/namespaces/{ns}/jobs" and body.get("kind") == "Job"
+        name = body["metadata"]["name"]
+        code = 400 if not ok else 409 if name in self.jobs else 201
+        if code == 201:
+            self.jobs[name] = body
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(json.dumps({"kind": "Status", "code": code}).encode())
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def kube_api():
+    _FakeKubernetesAPI.jobs = {}
+    server = HTTPServer(("127.0.0.1", 0), _FakeKubernetesAPI)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield {"url": f"http://127.0.0.1:{server.server_port}", "jobs": _FakeKubernetesAPI.jobs}
+    server.shutdown()
+
+
+def test_kubernetes_job_manifest_and_idempotent_submit(kube_api, tmp_path):
+    from dip_scale.eval.dispatch import EvalJob, KubernetesBackend, job_name
+    from dip_scale.eval.fid import command
+
+    ev = EvalConfig(backend="kubernetes", inception_weights="/opt/w/inception-2015-12-05.pt", reference_stats="s3://b/ref.npz",
+                    kubernetes=KubernetesConfig(namespace="research", api_server=kube_api["url"], gpus=2))
+    job = EvalJob("s3://b/runs/x/checkpoints/ema/ep3-ba1500.safetensors", 1500)
+    assert job.result == "s3://b/runs/x/checkpoints/eval/ep3-ba1500.json"
+    backend = KubernetesBackend(ev.kubernetes, "My_Run.v2", str(tmp_path))
+    argv = command(job.model_file, job.result, ev, SamplerConfig())
+    backend.submit(job, argv)
+    backend.submit(job, argv)  # a resumed run dispatching again: 409, not an error
+    (name, manifest), = kube_api["jobs"].items()
+    assert name == "dip-eval-my-run-v2-ep3-ba1500" and manifest["metadata"]["namespace"] == "research"
+    pod = manifest["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    (c,) = pod["containers"]
+    assert c["command"][:3] == ["python", "-m", "dip_scale.eval.fid"] and job.model_file in c["command"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 2 and c["envFrom"] == [{"secretRef": {"name": "dip-scale-s3"}}]
+    assert (tmp_path / "ep3-ba1500.job.yaml").exists()
+    long = job_name("r" * 80, "ep100-ba500400")
+    assert len(long) <= 63 and long != job_name("r" * 79 + "s", "ep100-ba500400")
+    with pytest.raises(RuntimeError, match="api_server"):
+        KubernetesBackend(KubernetesConfig(), "r", str(tmp_path)).submit(job, argv)
+
+
+@pytest.mark.slow
+def test_training_creates_a_kubernetes_job_per_checkpoint_whose_command_works(tiny_mds, standin_inception, kube_api, s3, tmp_path):
+    """Jobs are created through the API while training runs; running a Job's container command
+    as written (what the pod does) writes the FID result where the training run looks for it."""
+    reference = f"{s3['url']}/fid/ref.npz"
+    stats = FeatureStats()
+    stats.add(load_feature_extractor(standin_inception, "clean", torch.device("cpu"))(_images(32)))
+    save_reference(reference, stats, feature_mode="clean")
+    save_folder = f"{s3['url']}/runs/{{run_name}}/checkpoints"
+    run(_eval_overrides(tiny_mds, tmp_path, save_folder, reference, standin_inception, **{
+        "eval.backend": "kubernetes", "eval.kubernetes.api_server": kube_api["url"], "eval.kubernetes.namespace": "ml"}),
+        cwd=tmp_path, env=env_with_repo_on_path(**s3["env"]))
+    jobs = kube_api["jobs"]
+    steps = sorted(int(j["metadata"]["annotations"]["dip-scale/model-file"].rsplit("-ba", 1)[1].split(".")[0]) for j in jobs.values())
+    assert steps == [10, 20], logs(tmp_path)
+    job = next(j for j in jobs.values() if j["metadata"]["annotations"]["dip-scale/model-file"].endswith("-ba20.safetensors"))
+    argv = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    proc = subprocess.run([PYTHON, *argv[1:]], capture_output=True, text=True, env=env_with_repo_on_path(**s3["env"]), cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(storage.read_bytes(job["metadata"]["annotations"]["dip-scale/result"]))
+    assert result["step"] == 20 and math.isfinite(result["fid"])
+    assert result["model_file"] == f"{s3['url']}/runs/t/checkpoints/ema/ep{result['epoch']}-ba20.safetensors"
