@@ -279,3 +279,29 @@ def test_training_creates_a_kubernetes_job_per_checkpoint_whose_command_works(ti
     result = json.loads(storage.read_bytes(job["metadata"]["annotations"]["dip-scale/result"]))
     assert result["step"] == 20 and math.isfinite(result["fid"])
     assert result["model_file"] == f"{s3['url']}/runs/t/checkpoints/ema/ep{result['epoch']}-ba20.safetensors"
+
+
+@pytest.mark.slow
+def test_eval_dispatch_problems_fail_early_or_never_stop_training(tiny_mds, standin_inception, tmp_path):
+    """Not in a cluster and no API server: refused before training starts. An API server that
+    is down when a checkpoint is dispatched: logged with the command to run by hand, training finishes."""
+    reference = tmp_path / "ref.npz"
+    stats = FeatureStats()
+    stats.add(np.random.default_rng(0).normal(size=(4, 2048)))
+    save_reference(str(reference), stats, feature_mode="clean")
+    args = _eval_overrides(tiny_mds, tmp_path, str(tmp_path / "ckpt"), str(reference), standin_inception,
+                           **{"eval.backend": "kubernetes", "trainer.max_duration": "10ba"})
+    env = {k: v for k, v in env_with_repo_on_path().items() if k != "KUBERNETES_SERVICE_HOST"}
+    proc = subprocess.run([PYTHON, str(ROOT / "dip_scale" / "train.py"), str(ROOT / "yamls" / "dip_tiny_cpu.yaml"), *args],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2 and "eval.kubernetes.api_server is not set" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "ckpt").exists()
+
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    run([*args, f"eval.kubernetes.api_server={dead}"], cwd=tmp_path / "down")
+    assert "could not dispatch the eval of" in logs(tmp_path / "down") and "dip_scale.eval.fid" in logs(tmp_path / "down")
+    assert list((tmp_path / "ckpt" / "ema").glob("*-ba10.safetensors"))

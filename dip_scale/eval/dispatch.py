@@ -38,7 +38,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from dip_scale import storage
-from dip_scale.config import ExperimentConfig, KubernetesConfig
+from dip_scale.config import ConfigError, ExperimentConfig, KubernetesConfig
 from dip_scale.eval.fid import command
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ class KubernetesBackend:
     def __init__(self, k: KubernetesConfig, run_name: str, log_dir: str):
         self.k, self.run_name, self.log_dir = k, run_name, log_dir
 
-    def _connection(self) -> tuple[str, dict[str, str], Optional[ssl.SSLContext]]:
+    def connection(self) -> tuple[str, dict[str, str], Optional[ssl.SSLContext]]:
         headers = {"Content-Type": "application/json"}
         token_file = os.path.join(SERVICE_ACCOUNT_DIR, "token")
         if os.path.isfile(token_file):
@@ -164,7 +164,7 @@ class KubernetesBackend:
         os.makedirs(self.log_dir, exist_ok=True)
         with open(os.path.join(self.log_dir, f"{job.stem}.job.yaml"), "w") as f:
             yaml.safe_dump(manifest, f, sort_keys=False)
-        base, headers, ctx = self._connection()
+        base, headers, ctx = self.connection()
         url = f"{base}/apis/batch/v1/namespaces/{self.k.namespace}/jobs"
         req = urllib.request.Request(url, data=json.dumps(manifest).encode(), headers=headers, method="POST")
         try:
@@ -196,19 +196,29 @@ class EvalDispatch(Callback):
         self._seen = 0
         self._last_poll = 0.0
 
+        if dist.get_global_rank() == 0:  # before the Trainer is built: a bad setting costs seconds
+            ref = cfg.eval.reference_stats
+            if storage.is_s3(ref) and not storage.exists(ref):
+                raise ConfigError(f"eval.reference_stats: not found: {ref} (tools/make_fid_stats.py writes it)")
+            if isinstance(self.backend, KubernetesBackend):
+                try:
+                    self.backend.connection()
+                except RuntimeError as e:
+                    raise ConfigError(str(e)) from None
+
     def fit_start(self, state: State, logger: Logger) -> None:
         self._seen = len(self.ema.exported)
-        if dist.get_global_rank() != 0:
-            return
-        ref = self.cfg.eval.reference_stats
-        if storage.is_s3(ref) and not storage.exists(ref):
-            raise FileNotFoundError(f"eval.reference_stats: not found: {ref} (tools/make_fid_stats.py writes it)")
 
     def _dispatch_new(self) -> None:
         for path in self.ema.exported[self._seen:]:
             job = EvalJob(path, int(re.search(r"ba(\d+)", os.path.basename(path)).group(1)))
-            self.backend.submit(job, command(path, job.result, self.cfg.eval, self.cfg.sampler, grid=job.grid))
-            self.pending.append(job)
+            argv = command(path, job.result, self.cfg.eval, self.cfg.sampler, grid=job.grid)
+            try:
+                self.backend.submit(job, argv)
+                self.pending.append(job)
+            except Exception as e:  # noqa: BLE001 - an eval that cannot start must not stop training
+                log.error("could not dispatch the eval of %s (%s); training goes on. Run it by hand: %s",
+                          path, e, " ".join(argv))
         self._seen = len(self.ema.exported)
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
@@ -242,7 +252,11 @@ class EvalDispatch(Callback):
         self._last_poll = time.time()
         self._failed += self.backend.poll()
         for job in list(self.pending):
-            data = storage.read_bytes(job.result)
+            try:
+                data = storage.read_bytes(job.result)
+            except Exception as e:  # noqa: BLE001 - storage hiccup: look again at the next poll
+                log.warning("could not read %s (%s); will retry", job.result, e)
+                return
             if data is None and job not in self._failed:
                 continue
             self.pending.remove(job)
