@@ -546,10 +546,12 @@ def missing_files(cfg: ExperimentConfig) -> list[str]:
     if r.enabled and r.weights and not os.path.isfile(r.weights):
         errs.append(f"objective.repa.weights: file not found: {r.weights}")
     if ev.backend == "local":  # a Kubernetes Job reads its files inside its own image / from S3
-        for key in ("inception_weights", "reference_stats"):
+        for key, maker in (("inception_weights", "the real file, or tools/make_standin_inception.py for a stand-in"),
+                           ("reference_stats", "tools/make_fid_stats.py")):
             path = getattr(ev, key)
             if path and not path.startswith("s3://") and not os.path.isfile(path):
-                errs.append(f"eval.{key}: file not found: {path}")
+                errs.append(f"eval.{key}: file not found: {path} ({maker}; tools/demo.py makes the demo's; "
+                            "eval.backend=none runs without evaluation)")
     return errs
 
 

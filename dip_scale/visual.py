@@ -38,7 +38,7 @@ def save_png(img: Image.Image, path: str) -> str:
     return path
 
 
-def _read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path: str) -> list[dict]:
     import json
 
     with open(path) as f:
@@ -65,7 +65,7 @@ def _plot(png_path: str, draw) -> str:
 
 def plot_metrics(jsonl_path: str, png_path: str, keys: Sequence[str] = ("loss",)) -> str:
     """Curves of metrics.jsonl columns against the step, as a PNG (no tracking service needed)."""
-    rows = _read_jsonl(jsonl_path)
+    rows = read_jsonl(jsonl_path)
 
     def draw(ax):
         for key in keys:
@@ -78,15 +78,16 @@ def plot_metrics(jsonl_path: str, png_path: str, keys: Sequence[str] = ("loss",)
     return _plot(png_path, draw)
 
 
-def plot_fid(jsonl_path: str, png_path: str) -> str:
-    """FID against training step from <run_dir>/fid.jsonl (the last result per step counts)."""
-    by_step = {r["step"]: r["fid"] for r in _read_jsonl(jsonl_path)}
-    steps = sorted(by_step)
+def plot_fid(points: dict[int, float], png_path: str, title: Optional[str] = None) -> str:
+    """FID (of the EMA weights) against training step, each point labelled with its value."""
+    steps = sorted(points)
 
     def draw(ax):
-        ax.plot(steps, [by_step[s] for s in steps], marker="o", linewidth=1)
+        ax.plot(steps, [points[s] for s in steps], marker="o", linewidth=1)
         for s in steps:
-            ax.annotate(f"{by_step[s]:.3g}", (s, by_step[s]), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=7)
+            ax.annotate(f"{points[s]:.3g}", (s, points[s]), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=7)
         ax.set_ylabel("FID (EMA weights)")
+        if title:
+            ax.set_title(title, fontsize=9)
 
     return _plot(png_path, draw)

@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
@@ -184,14 +185,23 @@ def _eval_overrides(tiny_mds: str, tmp_path: Path, save_folder: str, reference: 
 
 @pytest.mark.slow
 def test_training_dispatches_a_local_fid_job_per_checkpoint(tiny_mds, standin_inception, tmp_path):
+    """A run that does not wait leaves its evals running (the queued one included); the run
+    resumed later collects their results, evaluates its own new checkpoint and waits for it."""
     reference = tmp_path / "ref.npz"
     stats = FeatureStats()
     stats.add(load_feature_extractor(standin_inception, "clean", torch.device("cpu"))(_images(32)))
     save_reference(str(reference), stats, feature_mode="clean")
     ckpt = tmp_path / "ckpt"
-    run(_eval_overrides(tiny_mds, tmp_path, str(ckpt), str(reference), standin_inception), cwd=tmp_path)
+    args = _eval_overrides(tiny_mds, tmp_path, str(ckpt), str(reference), standin_inception)
+    run([*args, "eval.wait_at_end=false"], cwd=tmp_path)
+    deadline = time.time() + 240
+    while len(list((ckpt / "eval").glob("*.json"))) < 2 and time.time() < deadline:
+        time.sleep(1)
+    assert sorted(p.stem.rsplit("-ba", 1)[1] for p in (ckpt / "eval").glob("*.json")) == ["10", "20"], logs(tmp_path)
+
+    run([*args, "trainer.max_duration=30ba"], cwd=tmp_path, log="resume")
     rows = [json.loads(line) for line in (tmp_path / "run" / "fid.jsonl").read_text().splitlines()]
-    assert sorted(r["step"] for r in rows) == [10, 20], logs(tmp_path)
+    assert sorted(r["step"] for r in rows) == [10, 20, 30], logs(tmp_path)
     for r in rows:
         result = json.loads(Path(r["result"]).read_text())
         assert result["step"] == r["step"] and result["fid"] == r["fid"] and result["num_samples"] == 12
@@ -279,6 +289,13 @@ def test_training_creates_a_kubernetes_job_per_checkpoint_whose_command_works(ti
     result = json.loads(storage.read_bytes(job["metadata"]["annotations"]["dip-scale/result"]))
     assert result["step"] == 20 and math.isfinite(result["fid"])
     assert result["model_file"] == f"{s3['url']}/runs/t/checkpoints/ema/ep{result['epoch']}-ba20.safetensors"
+    # after training: the curve from whatever results the Jobs have left in S3
+    curve = subprocess.run([PYTHON, str(ROOT / "tools" / "fid_curve.py"), f"{s3['url']}/runs/t/checkpoints", "--out", str(tmp_path / "fid.png")],
+                           capture_output=True, text=True, env=env_with_repo_on_path(**s3["env"]), timeout=120)
+    assert curve.returncode == 0, curve.stderr
+    (row,) = [line.split() for line in curve.stdout.splitlines() if line.split()[:1] == ["20"]]
+    assert float(row[2]) == pytest.approx(result["fid"], abs=5e-4)
+    assert (tmp_path / "fid.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@ Training never waits on FID (DESIGN §7): on rank 0, right after the EMA file of
 written, the `python -m dip_scale.eval.fid ...` command is handed to a backend:
 
 * `local`: a child process on this machine (its own session, so a killed training run does
-  not kill it), at most `eval.max_parallel` at a time, the rest queued; log in
+  not kill it), at most `eval.max_parallel` at a time, the rest queued (what is still queued
+  when training ends runs on in the background, unless `eval.wait_at_end`); log in
   `<run_dir>/eval/<checkpoint>.log`.
 * `kubernetes`: a batch/v1 Job created through the Kubernetes API (in-cluster service account,
   or `eval.kubernetes.api_server`, e.g. `kubectl proxy`); the manifest is also written to
@@ -14,7 +15,8 @@ written, the `python -m dip_scale.eval.fid ...` command is handed to a backend:
 Each job writes `<save_folder>/eval/<checkpoint>.json` (FID + protocol) and a PNG of its first
 samples beside it. The callback polls for those files while training runs, logs `eval/fid` at
 the checkpoint's step through Composer's loggers, appends it to `<run_dir>/fid.jsonl` and
-redraws `<run_dir>/fid.png`.
+redraws `<run_dir>/fid.png`. A resumed run picks up the results of evals dispatched before the
+restart and dispatches those that never started.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import ssl
 import subprocess
 import sys
@@ -98,6 +101,23 @@ class LocalBackend:
 
     def busy(self) -> bool:
         return bool(self.queue or self.running)
+
+    def started(self, job: EvalJob) -> bool:
+        return os.path.exists(self._log(job))
+
+    def detach_queue(self) -> None:
+        """Training is ending without waiting: run what is still queued one after another in a
+        background shell that outlives this process."""
+        if not self.queue:
+            return
+        steps = [f"{shlex.join(argv)} > {shlex.quote(self._log(job))} 2>&1" for job, argv in self.queue]
+        for job, _ in self.queue:
+            open(self._log(job), "w").close()  # started, as far as a resumed run is concerned
+        subprocess.Popen(["sh", "-c", "; ".join(steps)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True, env=_child_env())
+        log.info("%d queued eval(s) continue in the background after training: %s", len(self.queue),
+                 ", ".join(self._log(job) for job, _ in self.queue))
+        self.queue.clear()
 
     def _log(self, job: EvalJob) -> str:
         return os.path.join(self.log_dir, f"{job.stem}.log")
@@ -181,6 +201,9 @@ class KubernetesBackend:
     def busy(self) -> bool:
         return False
 
+    def started(self, job: EvalJob) -> bool:
+        return False  # submitting again is safe: an existing Job answers 409
+
 
 class EvalDispatch(Callback):
     """Rank 0: one eval job per new EMA export, results polled every `poll_seconds` and logged."""
@@ -208,17 +231,35 @@ class EvalDispatch(Callback):
 
     def fit_start(self, state: State, logger: Logger) -> None:
         self._seen = len(self.ema.exported)
+        if dist.get_global_rank() != 0 or state.timestamp.batch.value == 0:
+            return
+        # resumed: earlier exports whose result fid.jsonl does not hold yet. Their evals may still
+        # be running (own process session / Job): watch for the result. Those never started (a
+        # local queue lost with the killed run) are dispatched again; a Job that exists is not.
+        recorded = {r["step"] for r in self._recorded()}
+        folder = self.ema.export_path(state).rsplit("/", 1)[0]
+        for path in storage.list_keys(folder):
+            m = re.search(r"-ba(\d+)\.safetensors$", path)
+            if not m or int(m.group(1)) > state.timestamp.batch.value or int(m.group(1)) in recorded:
+                continue
+            job = EvalJob(path, int(m.group(1)))
+            if self.backend.started(job) or storage.exists(job.result):
+                self.pending.append(job)
+            else:
+                self._submit(job)
+
+    def _submit(self, job: EvalJob) -> None:
+        argv = command(job.model_file, job.result, self.cfg.eval, self.cfg.sampler, grid=job.grid)
+        try:
+            self.backend.submit(job, argv)
+            self.pending.append(job)
+        except Exception as e:  # noqa: BLE001 - an eval that cannot start must not stop training
+            log.error("could not dispatch the eval of %s (%s); training goes on. Run it by hand: %s",
+                      job.model_file, e, shlex.join(argv))
 
     def _dispatch_new(self) -> None:
         for path in self.ema.exported[self._seen:]:
-            job = EvalJob(path, int(re.search(r"ba(\d+)", os.path.basename(path)).group(1)))
-            argv = command(path, job.result, self.cfg.eval, self.cfg.sampler, grid=job.grid)
-            try:
-                self.backend.submit(job, argv)
-                self.pending.append(job)
-            except Exception as e:  # noqa: BLE001 - an eval that cannot start must not stop training
-                log.error("could not dispatch the eval of %s (%s); training goes on. Run it by hand: %s",
-                          path, e, " ".join(argv))
+            self._submit(EvalJob(path, int(re.search(r"-ba(\d+)\.safetensors$", path).group(1))))
         self._seen = len(self.ema.exported)
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
@@ -235,6 +276,8 @@ class EvalDispatch(Callback):
         if dist.get_global_rank() == 0:
             self._dispatch_new()
             self._collect(logger)
+            if isinstance(self.backend, LocalBackend) and not self.cfg.eval.wait_at_end:
+                self.backend.detach_queue()
 
     def wait(self) -> None:
         """After training (rank 0, local backend): let queued evals finish and record them
@@ -247,6 +290,15 @@ class EvalDispatch(Callback):
             self._failed += self.backend.poll()
             time.sleep(1.0)
         self._collect(None)
+
+    @property
+    def _jsonl(self) -> str:
+        return os.path.join(self.run_dir, "fid.jsonl")
+
+    def _recorded(self) -> list[dict]:
+        from dip_scale.visual import read_jsonl
+
+        return read_jsonl(self._jsonl) if os.path.isfile(self._jsonl) else []
 
     def _collect(self, logger: Optional[Logger]) -> None:
         self._last_poll = time.time()
@@ -266,9 +318,9 @@ class EvalDispatch(Callback):
             self.results.append(result)
             if logger is not None:
                 logger.log_metrics({"eval/fid": result["fid"]}, step=job.step)
-            with open(os.path.join(self.run_dir, "fid.jsonl"), "a") as f:
+            with open(self._jsonl, "a") as f:
                 f.write(json.dumps({"step": job.step, "fid": result["fid"], "result": job.result}) + "\n")
             from dip_scale.visual import plot_fid
 
-            plot_fid(os.path.join(self.run_dir, "fid.jsonl"), os.path.join(self.run_dir, "fid.png"))
+            plot_fid({r["step"]: r["fid"] for r in self._recorded()}, os.path.join(self.run_dir, "fid.png"), title=self.cfg.run_name)
             log.info("FID %.3f at step %d (%s)", result["fid"], job.step, job.result)
