@@ -174,6 +174,7 @@ class EvalConfig:
     reference_stats: Optional[str] = None
     seed: int = 0  # sample i uses noise seed seed + i
     device: Literal["auto", "cpu", "gpu"] = "auto"  # of the eval job
+    processes: int = 0  # sampling processes of the eval job, one per GPU (0: every visible GPU; 1 on CPU)
     max_parallel: int = 1  # local backend: eval processes at a time (the rest queue)
     wait_at_end: bool = False  # local backend: training waits for queued evals before exiting
     kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
@@ -507,6 +508,8 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
     for name in ("num_samples", "batch_size", "max_parallel"):
         if getattr(ev, name) < (2 if name == "num_samples" else 1):
             errs.append(f"eval.{name}: must be >= {2 if name == 'num_samples' else 1}, got {getattr(ev, name)}")
+    if ev.processes < 0:
+        errs.append(f"eval.processes: must be >= 0 (0: every visible GPU), got {ev.processes}")
     if ev.kubernetes.gpus < 0:
         errs.append(f"eval.kubernetes.gpus: must be >= 0, got {ev.kubernetes.gpus}")
     if ev.backend != "none":

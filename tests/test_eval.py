@@ -115,7 +115,7 @@ def test_reference_statistics_from_a_converted_split_through_s3(tiny_mds, standi
 
 def test_fid_job_through_s3_matches_clean_fid_on_the_same_samples(standin_inception, s3, tmp_path):
     """The FID job reads the model and reference from S3, writes result + grid to S3, is
-    reproducible, and its number equals clean-fid's own folder pipeline + frechet_distance run
+    reproducible whatever its process count, and its number equals clean-fid's own folder pipeline + frechet_distance run
     on the same samples saved as PNG files."""
     from cleanfid.fid import frechet_distance, get_folder_features
     from cleanfid.inception_torchscript import InceptionV3W
@@ -145,6 +145,11 @@ def test_fid_job_through_s3_matches_clean_fid_on_the_same_samples(standin_incept
     again = _fid_cli(model_file, *common, "--out", str(tmp_path / "again.json"), env=env)
     assert again.returncode == 0, again.stderr
     assert json.loads((tmp_path / "again.json").read_text())["fid"] == result["fid"]
+    # the same samples split over two processes (one per GPU on a GPU node): the same FID
+    split = _fid_cli(model_file, *common, "--processes", "2", "--out", str(tmp_path / "split.json"), env=env)
+    assert split.returncode == 0, split.stderr
+    two = json.loads((tmp_path / "split.json").read_text())
+    assert two["processes"] == 2 and two["step"] == 7 and two["fid"] == pytest.approx(result["fid"], rel=1e-6)
 
     model, cfg, _ = read_model_file(model_file)
     labels = eval_labels(24, cfg.num_classes, 5)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 import time
 from typing import Optional
@@ -41,6 +42,56 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda" if name == "gpu" else "cpu")
 
 
+def _shard_features(rank: int, world: int, dev: torch.device, model_file: str, inception: str, feature_mode: str,
+                    num_samples: int, batch_size: int, sampler: SamplerConfig, seed: int, grid: Optional[str],
+                    progress: bool):
+    """Statistics of this process's share of the samples (batches rank, rank + world, ...) and
+    the model file's metadata. Sample i always gets label eval_labels(...)[i] and noise seed
+    seed + i, so the samples (and, up to float summation order, the FID) do not depend on the
+    number of processes."""
+    from tqdm.auto import tqdm
+
+    from dip_scale.diffusion.sampler import sample, to_uint8
+    from dip_scale.eval.features import FeatureStats, load_feature_extractor
+    from dip_scale.models.export import read_model_file
+    from dip_scale.visual import image_grid
+
+    model, model_cfg, meta = read_model_file(model_file)
+    model = model.to(dev)
+    extract = load_feature_extractor(inception, feature_mode, dev)
+    k = model_cfg.num_classes
+    labels = eval_labels(num_samples, k, seed)
+    stats = FeatureStats()
+    starts = list(range(0, len(labels), batch_size))[rank::world]
+    bar = tqdm(total=len(labels), desc=f"FID samples ({world} process{'es' if world > 1 else ''})", unit="img",
+               disable=not progress or rank != 0)
+    for start in starts:
+        batch = labels[start : start + batch_size]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            images = sample(model, torch.tensor(batch, device=dev), list(range(seed + start, seed + start + len(batch))),
+                            image_size=model_cfg.image_size, null_class=k, steps=sampler.steps, method=sampler.method,
+                            cfg_scale=sampler.cfg_scale, cfg_interval=sampler.cfg_interval)
+        stats.add(extract(to_uint8(images).numpy()))
+        if start == 0 and grid:
+            buf = io.BytesIO()
+            image_grid(images[:32].float().cpu(), titles=[str(c) for c in batch[:32]]).save(buf, format="PNG")
+            storage.write_bytes(grid, buf.getvalue())
+        bar.update(len(batch) * world)  # the other processes move at the same pace
+    bar.close()
+    return stats, meta
+
+
+def _worker(rank: int, world: int, on_gpu: bool, out_dir: str, kwargs: dict) -> None:
+    """One spawned process: its share of the samples -> out_dir/<rank>.npz (n, Σf, Σffᵀ)."""
+    if on_gpu:
+        torch.cuda.set_device(rank)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dev = torch.device(f"cuda:{rank}" if on_gpu else "cpu")
+    stats, meta = _shard_features(rank, world, dev, **kwargs)
+    np.savez(os.path.join(out_dir, f"{rank}.npz"), n=stats.n, sum=stats.sum, outer=stats.outer, meta=json.dumps(meta))
+
+
 def evaluate(
     model_file: str,
     reference: str,
@@ -52,43 +103,42 @@ def evaluate(
     sampler: SamplerConfig,
     seed: int = 0,
     device: str = "auto",
+    processes: int = 0,
     grid: Optional[str] = None,
     progress: bool = True,
 ) -> dict:
-    """-> the result record (FID + protocol). `grid`: also write the first batch as a PNG there."""
+    """-> the result record (FID + protocol). `processes`: sampling processes, one per GPU
+    (0: every visible GPU, 1 on CPU). `grid`: also write the first batch as a PNG there."""
     from cleanfid.fid import frechet_distance
-    from tqdm.auto import tqdm
 
-    from dip_scale.diffusion.sampler import sample, to_uint8
-    from dip_scale.eval.features import FeatureStats, load_feature_extractor, load_reference, sha256_of
-    from dip_scale.models.export import read_model_file
-    from dip_scale.visual import image_grid
+    from dip_scale.eval.features import FeatureStats, load_reference, sha256_of
 
     t0 = time.time()
     dev = resolve_device(device)
     mu_ref, sigma_ref, ref_meta = load_reference(reference)  # cheap checks first
     if ref_meta.get("feature_mode", feature_mode) != feature_mode:
         raise ValueError(f"{reference} holds {ref_meta['feature_mode']!r} features; this evaluation uses {feature_mode!r}")
-    model, model_cfg, meta = read_model_file(model_file)
-    model = model.to(dev)
-    extract = load_feature_extractor(inception, feature_mode, dev)
-    k = model_cfg.num_classes
-    labels = eval_labels(num_samples, k, seed)
-    stats = FeatureStats()
-    bar = tqdm(total=num_samples, desc="FID samples", unit="img", disable=not progress)
-    for start in range(0, num_samples, batch_size):
-        batch = labels[start : start + batch_size]
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            images = sample(model, torch.tensor(batch, device=dev), list(range(seed + start, seed + start + len(batch))),
-                            image_size=model_cfg.image_size, null_class=k, steps=sampler.steps, method=sampler.method,
-                            cfg_scale=sampler.cfg_scale, cfg_interval=sampler.cfg_interval)
-        stats.add(extract(to_uint8(images).numpy()))
-        if start == 0 and grid:
-            buf = io.BytesIO()
-            image_grid(images[:32].float().cpu(), titles=[str(c) for c in batch[:32]]).save(buf, format="PNG")
-            storage.write_bytes(grid, buf.getvalue())
-        bar.update(len(batch))
-    bar.close()
+    world = processes or (torch.cuda.device_count() if dev.type == "cuda" else 1)
+    if dev.type == "cuda" and world > torch.cuda.device_count():
+        raise ValueError(f"{world} processes requested but only {torch.cuda.device_count()} GPU(s) are visible")
+    kwargs = dict(model_file=model_file, inception=inception, feature_mode=feature_mode, num_samples=num_samples,
+                  batch_size=batch_size, sampler=sampler, seed=seed, grid=grid, progress=progress)
+    if world == 1:
+        stats, meta = _shard_features(0, 1, dev, **kwargs)
+    else:
+        import tempfile
+
+        import torch.multiprocessing as mp
+
+        stats = FeatureStats()
+        with tempfile.TemporaryDirectory() as tmp:
+            mp.spawn(_worker, args=(world, dev.type == "cuda", tmp, kwargs), nprocs=world, join=True)
+            for rank in range(world):
+                with np.load(os.path.join(tmp, f"{rank}.npz")) as z:
+                    part = FeatureStats()
+                    part.n, part.sum, part.outer = int(z["n"]), z["sum"], z["outer"]
+                    meta = json.loads(str(z["meta"])) if rank == 0 else meta
+                stats.merge(part)
     mu, sigma = stats.mean_cov()
     fid = float(frechet_distance(mu, sigma, mu_ref, sigma_ref))
     return {
@@ -104,6 +154,7 @@ def evaluate(
         "sampler": {"method": sampler.method, "steps": sampler.steps, "cfg_scale": sampler.cfg_scale, "cfg_interval": list(sampler.cfg_interval)},
         "seed": seed,
         "device": str(dev),
+        "processes": world,
         "seconds": round(time.time() - t0, 1),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -115,7 +166,7 @@ def command(model_file: str, out: str, ev: EvalConfig, sampler: SamplerConfig, p
             "--out", out, "--num-samples", str(ev.num_samples), "--batch-size", str(ev.batch_size),
             "--feature-mode", ev.feature_mode, "--method", sampler.method, "--steps", str(sampler.steps),
             "--cfg-scale", str(sampler.cfg_scale), "--cfg-interval", ",".join(map(str, sampler.cfg_interval)),
-            "--seed", str(ev.seed), "--device", ev.device]
+            "--seed", str(ev.seed), "--device", ev.device, "--processes", str(ev.processes)]
     return argv + (["--grid", grid] if grid else [])
 
 
@@ -136,15 +187,16 @@ def main(argv=None) -> int:
     ap.add_argument("--cfg-interval", default=",".join(map(str, s.cfg_interval)), help="low,high in t (t = 1 is noise)")
     ap.add_argument("--seed", type=int, default=e.seed)
     ap.add_argument("--device", default=e.device, choices=["auto", "cpu", "gpu"])
+    ap.add_argument("--processes", type=int, default=e.processes, help="sampling processes, one per GPU (0: every visible GPU; 1 on CPU)")
     args = ap.parse_args(argv)
-    if args.num_samples < 2 or args.batch_size < 1:
-        ap.error("--num-samples must be >= 2 and --batch-size >= 1")
+    if args.num_samples < 2 or args.batch_size < 1 or args.processes < 0:
+        ap.error("--num-samples must be >= 2, --batch-size >= 1 and --processes >= 0")
     lo, hi = (float(x) for x in args.cfg_interval.split(","))
     sampler = SamplerConfig(method=args.method, steps=args.steps, cfg_scale=args.cfg_scale, cfg_interval=[lo, hi])
     try:
         result = evaluate(args.model_file, args.reference, args.inception, num_samples=args.num_samples,
                           batch_size=args.batch_size, feature_mode=args.feature_mode, sampler=sampler,
-                          seed=args.seed, device=args.device, grid=args.grid)
+                          seed=args.seed, device=args.device, processes=args.processes, grid=args.grid)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"dip_scale.eval.fid: {err}", file=sys.stderr)
         return 2
