@@ -148,7 +148,7 @@ class LoggingConfig:
 class KubernetesConfig:
     """Where and how the `kubernetes` eval backend runs its Jobs (see docker/k8s/)."""
 
-    namespace: str = "default"
+    namespace: Optional[str] = None  # None: the trainer pod's own namespace (else "default")
     image: str = "dip-scale:latest"  # docker/Dockerfile; Inception weights baked in under /opt/dip_scale/weights
     gpus: int = 1
     cpu: str = "8"
@@ -512,6 +512,9 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
         errs.append(f"eval.processes: must be >= 0 (0: every visible GPU), got {ev.processes}")
     if ev.kubernetes.gpus < 0:
         errs.append(f"eval.kubernetes.gpus: must be >= 0, got {ev.kubernetes.gpus}")
+    if ev.backend == "local" and ev.device != "cpu" and ev.processes == 0:
+        errs.append("eval.processes: 0 means one process on every visible GPU, which with eval.backend local are the "
+                    "GPUs training runs on; set eval.processes (e.g. 1) or eval.device=cpu")
     if ev.backend != "none":
         if not cfg.trainer.save_folder:
             errs.append(f"eval.backend: {ev.backend!r} evaluates the EMA files exported under trainer.save_folder, which is not set")

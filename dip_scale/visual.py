@@ -39,10 +39,17 @@ def save_png(img: Image.Image, path: str) -> str:
 
 
 def read_jsonl(path: str) -> list[dict]:
+    """The rows of a JSON-lines file; a line cut short by a crash mid-write is skipped."""
     import json
 
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return rows
 
 
 def _plot(png_path: str, draw) -> str:

@@ -75,14 +75,16 @@ class LocalBackend:
         self.max_parallel = max_parallel
         self.queue: list[tuple[EvalJob, list[str]]] = []
         self.running: list[tuple[EvalJob, subprocess.Popen]] = []
+        self._unreported: list[EvalJob] = []  # failures seen by submit's poll, for the next poll
 
     def submit(self, job: EvalJob, argv: list[str]) -> None:
         self.queue.append((job, [sys.executable, *argv[1:]]))  # this interpreter: the same venv
-        self.poll()
+        failed = self.poll()  # (not `self._unreported += self.poll()`: poll swaps that list)
+        self._unreported += failed
 
     def poll(self) -> list[EvalJob]:
-        """Reap finished processes and start queued ones; -> jobs that failed."""
-        failed = []
+        """Reap finished processes and start queued ones; -> jobs that failed since the last poll."""
+        failed, self._unreported = self._unreported, []
         for job, proc in list(self.running):
             if proc.poll() is not None:
                 self.running.remove((job, proc))
@@ -90,11 +92,19 @@ class LocalBackend:
                     log.warning("eval of %s failed (exit %d); see %s", job.model_file, proc.returncode, self._log(job))
                     failed.append(job)
         while self.queue and len(self.running) < self.max_parallel:
-            job, argv = self.queue.pop(0)
-            os.makedirs(self.log_dir, exist_ok=True)
-            with open(self._log(job), "w") as out:
-                proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=True, env=_child_env())
+            job, argv = self.queue[0]
+            try:
+                os.makedirs(self.log_dir, exist_ok=True)
+                with open(self._log(job), "w") as out:
+                    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            start_new_session=True, env=_child_env())
+                self._write_pid(job, proc.pid)
+            except OSError as e:
+                log.error("could not start the eval of %s: %s", job.model_file, e)
+                failed.append(job)
+                self.queue.pop(0)
+                continue
+            self.queue.pop(0)
             self.running.append((job, proc))
             log.info("eval of %s started locally (pid %d, log %s)", job.model_file, proc.pid, self._log(job))
         return failed
@@ -103,7 +113,14 @@ class LocalBackend:
         return bool(self.queue or self.running)
 
     def started(self, job: EvalJob) -> bool:
-        return os.path.exists(self._log(job))
+        """Still running from before a restart (its process, or the shell running the queue, is
+        alive). An eval killed with the run (the launcher kills child trees) counts as not started."""
+        try:
+            with open(self._pid(job)) as f:
+                os.kill(int(f.read().strip()), 0)
+            return True
+        except (OSError, ValueError):
+            return False
 
     def detach_queue(self) -> None:
         """Training is ending without waiting: run what is still queued one after another in a
@@ -111,16 +128,24 @@ class LocalBackend:
         if not self.queue:
             return
         steps = [f"{shlex.join(argv)} > {shlex.quote(self._log(job))} 2>&1" for job, argv in self.queue]
+        os.makedirs(self.log_dir, exist_ok=True)
+        shell = subprocess.Popen(["sh", "-c", "; ".join(steps)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, start_new_session=True, env=_child_env())
         for job, _ in self.queue:
-            open(self._log(job), "w").close()  # started, as far as a resumed run is concerned
-        subprocess.Popen(["sh", "-c", "; ".join(steps)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True, env=_child_env())
+            self._write_pid(job, shell.pid)  # running, as far as a resumed run is concerned
         log.info("%d queued eval(s) continue in the background after training: %s", len(self.queue),
                  ", ".join(self._log(job) for job, _ in self.queue))
         self.queue.clear()
 
     def _log(self, job: EvalJob) -> str:
         return os.path.join(self.log_dir, f"{job.stem}.log")
+
+    def _pid(self, job: EvalJob) -> str:
+        return os.path.join(self.log_dir, f"{job.stem}.pid")
+
+    def _write_pid(self, job: EvalJob, pid: int) -> None:
+        with open(self._pid(job), "w") as f:
+            f.write(str(pid))
 
 
 def _child_env() -> dict[str, str]:
@@ -130,16 +155,28 @@ def _child_env() -> dict[str, str]:
 
 
 def job_name(run_name: str, stem: str) -> str:
-    """A valid Job name (DNS-1123 label, <= 63 chars), unique per (run, checkpoint)."""
-    name = re.sub(r"[^a-z0-9-]+", "-", f"dip-eval-{run_name}-{stem}".lower()).strip("-")
-    if len(name) > 63:
-        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-        name = name[:54].rstrip("-") + "-" + digest
-    return name
+    """A valid Job name (DNS-1123 label, <= 63 chars), one per (run, checkpoint): readable, plus a
+    hash of the exact run name, so runs whose names differ only in case or punctuation never
+    share (and 409 on) each other's Jobs."""
+    readable = re.sub(r"[^a-z0-9-]+", "-", f"dip-eval-{run_name}-{stem}".lower()).strip("-")
+    digest = hashlib.sha256(f"{run_name}/{stem}".encode()).hexdigest()[:6]
+    return readable[: 63 - 7].rstrip("-") + "-" + digest
+
+
+def pod_namespace(k: KubernetesConfig) -> str:
+    """eval.kubernetes.namespace, else the trainer pod's own namespace (where rbac.yaml was
+    applied), else 'default'."""
+    if k.namespace:
+        return k.namespace
+    try:
+        with open(os.path.join(SERVICE_ACCOUNT_DIR, "namespace")) as f:
+            return f.read().strip() or "default"
+    except OSError:
+        return "default"
 
 
 def job_manifest(k: KubernetesConfig, run_name: str, job: EvalJob, argv: list[str]) -> dict:
-    labels = {"app.kubernetes.io/name": "dip-scale-eval", "dip-scale/run": re.sub(r"[^A-Za-z0-9._-]", "-", run_name)[:63]}
+    labels = {"app.kubernetes.io/name": "dip-scale-eval", "dip-scale/run": re.sub(r"[^A-Za-z0-9._-]", "-", run_name)[:63].strip("-_.")}
     resources: dict = {"requests": {"cpu": k.cpu, "memory": k.memory}, "limits": {"memory": k.memory}}
     if k.gpus:
         resources["limits"]["nvidia.com/gpu"] = k.gpus
@@ -152,7 +189,7 @@ def job_manifest(k: KubernetesConfig, run_name: str, job: EvalJob, argv: list[st
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": job_name(run_name, job.stem), "namespace": k.namespace, "labels": labels,
+        "metadata": {"name": job_name(run_name, job.stem), "namespace": pod_namespace(k), "labels": labels,
                      "annotations": {"dip-scale/model-file": job.model_file, "dip-scale/result": job.result}},
         "spec": {"backoffLimit": 2, "ttlSecondsAfterFinished": k.ttl_seconds_after_finished,
                  "template": {"metadata": {"labels": labels}, "spec": pod}},
@@ -185,10 +222,10 @@ class KubernetesBackend:
         with open(os.path.join(self.log_dir, f"{job.stem}.job.yaml"), "w") as f:
             yaml.safe_dump(manifest, f, sort_keys=False)
         base, headers, ctx = self.connection()
-        url = f"{base}/apis/batch/v1/namespaces/{self.k.namespace}/jobs"
+        url = f"{base}/apis/batch/v1/namespaces/{manifest['metadata']['namespace']}/jobs"
         req = urllib.request.Request(url, data=json.dumps(manifest).encode(), headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(req, timeout=30, context=ctx):
+            with urllib.request.urlopen(req, timeout=10, context=ctx):  # rank 0 is training: do not block long
                 pass
             log.info("eval Job %s created for %s", manifest["metadata"]["name"], job.model_file)
         except urllib.error.HTTPError as e:
@@ -233,6 +270,12 @@ class EvalDispatch(Callback):
         self._seen = len(self.ema.exported)
         if dist.get_global_rank() != 0 or state.timestamp.batch.value == 0:
             return
+        try:
+            self._adopt_earlier(state)
+        except Exception as e:  # noqa: BLE001 - evaluation trouble must never stop training
+            log.error("could not look for the evals of earlier checkpoints (%s); training goes on", e)
+
+    def _adopt_earlier(self, state: State) -> None:
         # resumed: earlier exports whose result fid.jsonl does not hold yet. Their evals may still
         # be running (own process session / Job): watch for the result. Those never started (a
         # local queue lost with the killed run) are dispatched again; a Job that exists is not.
@@ -259,7 +302,8 @@ class EvalDispatch(Callback):
 
     def _dispatch_new(self) -> None:
         for path in self.ema.exported[self._seen:]:
-            self._submit(EvalJob(path, int(re.search(r"-ba(\d+)\.safetensors$", path).group(1))))
+            m = re.search(r"-ba(\d+)\.safetensors$", path)
+            self._submit(EvalJob(path, int(m.group(1)) if m else -1))
         self._seen = len(self.ema.exported)
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
@@ -302,25 +346,28 @@ class EvalDispatch(Callback):
 
     def _collect(self, logger: Optional[Logger]) -> None:
         self._last_poll = time.time()
-        self._failed += self.backend.poll()
-        for job in list(self.pending):
-            try:
+        try:
+            self._failed += self.backend.poll()
+            for job in list(self.pending):
                 data = storage.read_bytes(job.result)
-            except Exception as e:  # noqa: BLE001 - storage hiccup: look again at the next poll
-                log.warning("could not read %s (%s); will retry", job.result, e)
-                return
-            if data is None and job not in self._failed:
-                continue
-            self.pending.remove(job)
-            if data is None:
-                continue
-            result = json.loads(data)
-            self.results.append(result)
-            if logger is not None:
-                logger.log_metrics({"eval/fid": result["fid"]}, step=job.step)
-            with open(self._jsonl, "a") as f:
-                f.write(json.dumps({"step": job.step, "fid": result["fid"], "result": job.result}) + "\n")
-            from dip_scale.visual import plot_fid
+                if data is None and job not in self._failed:
+                    continue
+                self.pending.remove(job)
+                if data is not None:
+                    self._record(json.loads(data), job, logger)
+        except Exception as e:  # noqa: BLE001 - storage hiccup, bad file: look again at the next poll
+            log.warning("collecting eval results failed (%s); will retry", e)
 
-            plot_fid({r["step"]: r["fid"] for r in self._recorded()}, os.path.join(self.run_dir, "fid.png"), title=self.cfg.run_name)
-            log.info("FID %.3f at step %d (%s)", result["fid"], job.step, job.result)
+    def _record(self, result: dict, job: EvalJob, logger: Optional[Logger]) -> None:
+        """One row per step in fid.jsonl: a step evaluated again (a run resumed from before a
+        checkpoint re-exports the bitwise-same EMA) replaces its row. Rewritten atomically."""
+        from dip_scale.visual import plot_fid
+
+        self.results.append(result)
+        if logger is not None:
+            logger.log_metrics({"eval/fid": result["fid"]}, step=job.step)
+        rows = [r for r in self._recorded() if r["step"] != job.step]
+        rows.append({"step": job.step, "fid": result["fid"], "result": job.result})
+        storage.write_bytes(self._jsonl, "".join(json.dumps(r) + "\n" for r in sorted(rows, key=lambda r: r["step"])).encode())
+        plot_fid({r["step"]: r["fid"] for r in rows}, os.path.join(self.run_dir, "fid.png"), title=self.cfg.run_name)
+        log.info("FID %.3f at step %d (%s)", result["fid"], job.step, job.result)

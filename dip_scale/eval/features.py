@@ -93,10 +93,13 @@ def save_reference(path: str, stats: FeatureStats, **meta) -> None:
 
 
 def load_reference(path: str) -> tuple[np.ndarray, np.ndarray, dict]:
-    """-> (mu, sigma, meta) from our .npz or ADM's reference batch (keys mu, sigma; meta empty)."""
+    """-> (mu, sigma, meta) from our .npz or ADM's reference batch (keys mu, sigma; its meta is
+    empty, so its feature mode cannot be checked: it is TF Inception, i.e. legacy_tensorflow).
+    meta["sha256"] is the file's, from the same read (ADM's file also holds images: GBs)."""
     data = storage.read_bytes(path)
     if data is None:
         raise FileNotFoundError(f"reference statistics not found: {path}")
+    digest = hashlib.sha256(data).hexdigest()
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         missing = [k for k in ("mu", "sigma") if k not in z.files]
         if missing:
@@ -105,4 +108,4 @@ def load_reference(path: str) -> tuple[np.ndarray, np.ndarray, dict]:
         mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
     if mu.shape != (FEATURE_DIM,) or sigma.shape != (FEATURE_DIM, FEATURE_DIM):
         raise ValueError(f"{path}: expected mu ({FEATURE_DIM},) and sigma ({FEATURE_DIM}, {FEATURE_DIM}), got {mu.shape} and {sigma.shape}")
-    return mu, sigma, meta
+    return mu, sigma, {**meta, "sha256": digest}

@@ -150,7 +150,7 @@ def evaluate(
         "num_samples": num_samples,
         "feature_mode": feature_mode,
         "inception": {"path": inception, "sha256": sha256_of(inception)},
-        "reference": {"path": reference, "sha256": sha256_of(reference), **ref_meta},
+        "reference": {"path": reference, **ref_meta},
         "sampler": {"method": sampler.method, "steps": sampler.steps, "cfg_scale": sampler.cfg_scale, "cfg_interval": list(sampler.cfg_interval)},
         "seed": seed,
         "device": str(dev),
@@ -191,7 +191,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.num_samples < 2 or args.batch_size < 1 or args.processes < 0:
         ap.error("--num-samples must be >= 2, --batch-size >= 1 and --processes >= 0")
-    lo, hi = (float(x) for x in args.cfg_interval.split(","))
+    try:
+        lo, hi = (float(x) for x in args.cfg_interval.split(","))
+    except ValueError:
+        ap.error(f"--cfg-interval: expected low,high (e.g. 0.03,0.89), got {args.cfg_interval!r}")
     sampler = SamplerConfig(method=args.method, steps=args.steps, cfg_scale=args.cfg_scale, cfg_interval=[lo, hi])
     try:
         result = evaluate(args.model_file, args.reference, args.inception, num_samples=args.num_samples,
