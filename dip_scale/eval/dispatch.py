@@ -321,7 +321,11 @@ class EvalDispatch(Callback):
             self._dispatch_new()
             self._collect(logger)
             if isinstance(self.backend, LocalBackend) and not self.cfg.eval.wait_at_end:
-                self.backend.detach_queue()
+                try:
+                    self.backend.detach_queue()
+                except OSError as e:
+                    log.error("could not leave the queued evals running (%s): %s", e,
+                              "; ".join(shlex.join(argv) for _, argv in self.backend.queue))
 
     def wait(self) -> None:
         """After training (rank 0, local backend): let queued evals finish and record them
