@@ -54,6 +54,12 @@ class EvalJob:
     model_file: str  # <save_folder>/ema/<stem>.safetensors
     step: int
 
+    @classmethod
+    def from_export(cls, path: str) -> Optional["EvalJob"]:
+        """The job for an EMA export named ...-ba<step>.safetensors (None for any other file)."""
+        m = re.search(r"-ba(\d+)\.safetensors$", path)
+        return cls(path, int(m.group(1))) if m else None
+
     @property
     def stem(self) -> str:
         return os.path.basename(self.model_file).removesuffix(".safetensors")
@@ -282,10 +288,9 @@ class EvalDispatch(Callback):
         recorded = {r["step"] for r in self._recorded()}
         folder = self.ema.export_path(state).rsplit("/", 1)[0]
         for path in storage.list_keys(folder):
-            m = re.search(r"-ba(\d+)\.safetensors$", path)
-            if not m or int(m.group(1)) > state.timestamp.batch.value or int(m.group(1)) in recorded:
+            job = EvalJob.from_export(path)
+            if job is None or job.step > state.timestamp.batch.value or job.step in recorded:
                 continue
-            job = EvalJob(path, int(m.group(1)))
             if self.backend.started(job) or storage.exists(job.result):
                 self.pending.append(job)
             else:
@@ -302,8 +307,7 @@ class EvalDispatch(Callback):
 
     def _dispatch_new(self) -> None:
         for path in self.ema.exported[self._seen:]:
-            m = re.search(r"-ba(\d+)\.safetensors$", path)
-            self._submit(EvalJob(path, int(m.group(1)) if m else -1))
+            self._submit(EvalJob.from_export(path) or EvalJob(path, -1))
         self._seen = len(self.ema.exported)
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:

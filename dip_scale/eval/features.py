@@ -76,6 +76,17 @@ class FeatureStats:
         self.sum += other.sum
         self.outer += other.outer
 
+    def save(self, path: str) -> None:
+        """The raw sums (partial results of one process), to be merged elsewhere."""
+        np.savez(path, n=self.n, sum=self.sum, outer=self.outer)
+
+    @classmethod
+    def load(cls, path: str) -> "FeatureStats":
+        stats = cls.__new__(cls)
+        with np.load(path) as z:
+            stats.n, stats.sum, stats.outer = int(z["n"]), z["sum"], z["outer"]
+        return stats
+
     def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
         if self.n < 2:
             raise ValueError(f"need at least 2 feature vectors for a covariance, have {self.n}")

@@ -89,7 +89,10 @@ def _worker(rank: int, world: int, on_gpu: bool, out_dir: str, kwargs: dict) -> 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dev = torch.device(f"cuda:{rank}" if on_gpu else "cpu")
     stats, meta = _shard_features(rank, world, dev, **kwargs)
-    np.savez(os.path.join(out_dir, f"{rank}.npz"), n=stats.n, sum=stats.sum, outer=stats.outer, meta=json.dumps(meta))
+    stats.save(os.path.join(out_dir, f"{rank}.npz"))
+    if rank == 0:
+        with open(os.path.join(out_dir, "meta.json"), "w") as f:
+            json.dump(meta, f)
 
 
 def evaluate(
@@ -134,11 +137,9 @@ def evaluate(
         with tempfile.TemporaryDirectory() as tmp:
             mp.spawn(_worker, args=(world, dev.type == "cuda", tmp, kwargs), nprocs=world, join=True)
             for rank in range(world):
-                with np.load(os.path.join(tmp, f"{rank}.npz")) as z:
-                    part = FeatureStats()
-                    part.n, part.sum, part.outer = int(z["n"]), z["sum"], z["outer"]
-                    meta = json.loads(str(z["meta"])) if rank == 0 else meta
-                stats.merge(part)
+                stats.merge(FeatureStats.load(os.path.join(tmp, f"{rank}.npz")))
+            with open(os.path.join(tmp, "meta.json")) as f:
+                meta = json.load(f)
     mu, sigma = stats.mean_cov()
     fid = float(frechet_distance(mu, sigma, mu_ref, sigma_ref))
     return {
@@ -160,9 +161,10 @@ def evaluate(
     }
 
 
-def command(model_file: str, out: str, ev: EvalConfig, sampler: SamplerConfig, python: str = "python", grid: Optional[str] = None) -> list[str]:
-    """The argv of an eval job for `model_file`, from the experiment's eval and sampler sections."""
-    argv = [python, "-m", "dip_scale.eval.fid", model_file, "--reference", ev.reference_stats, "--inception", ev.inception_weights,
+def command(model_file: str, out: str, ev: EvalConfig, sampler: SamplerConfig, grid: Optional[str] = None) -> list[str]:
+    """The argv of an eval job for `model_file`, from the experiment's eval and sampler sections
+    (`python` as in the image; the local backend swaps in its own interpreter)."""
+    argv = ["python", "-m", "dip_scale.eval.fid", model_file, "--reference", ev.reference_stats, "--inception", ev.inception_weights,
             "--out", out, "--num-samples", str(ev.num_samples), "--batch-size", str(ev.batch_size),
             "--feature-mode", ev.feature_mode, "--method", sampler.method, "--steps", str(sampler.steps),
             "--cfg-scale", str(sampler.cfg_scale), "--cfg-interval", ",".join(map(str, sampler.cfg_interval)),
