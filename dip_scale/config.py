@@ -8,60 +8,28 @@ a bad config fails in well under a second with one readable message per problem.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 import sys
-import types
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Optional, get_origin, get_type_hints
 
 import yaml
 
-from dip_scale.models.presets import PRESETS, resolve_trunk
+from dip_scale.models.presets import PRESETS
+from dip_scale.models.spec import HeadConfig, ModelConfig, model_problems
+from dip_scale.schema import ConfigError, build, build_section, time_string_problem
 
-HeadType = Literal["conv_unet", "mlp", "coord_mlp", "patch_attention", "none"]
-Placement = Literal["post_hoc", "intermediate", "hybrid"]
+__all__ = ["ConfigError", "ExperimentConfig", "HeadConfig", "ModelConfig", "build_section", "load_config", "to_dict", "to_yaml"]
+
 ShuffleAlgo = Literal["py1e", "py1br", "py1b", "py1s", "py2s", "naive"]
 
 INCEPTION_FILENAME = "inception-2015-12-05.pt"  # the name clean-fid's InceptionV3W loads
-_TIME_RE = re.compile(r"^\d+(\.\d+)?(ep|ba|sp|tok|dur)$")
-
-
-class ConfigError(ValueError):
-    """A problem with the experiment config, worded for the person who wrote the YAML."""
 
 
 # --------------------------------------------------------------------------------------------
 # Schema
 # --------------------------------------------------------------------------------------------
-@dataclass
-class HeadConfig:
-    type: HeadType = "conv_unet"
-    placement: Placement = "post_hoc"
-    # intermediate/hybrid: the head runs after this many trunk blocks (default: half the depth)
-    inject_after: Optional[int] = None
-    # conv_unet: channels of the down path; one 2x max-pool per entry (paper: 64,128,256,512)
-    channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
-    # conv_unet: how the up path doubles resolution (released code: transposed conv)
-    upsample: Literal["transposed", "interpolate"] = "transposed"
-    # mlp / coord_mlp / patch_attention: hidden width and number of layers (None: per-type default)
-    width: Optional[int] = None
-    depth: Optional[int] = None
-
-
-@dataclass
-class ModelConfig:
-    preset: str = "XL/16"
-    image_size: int = 256
-    num_classes: int = 1000
-    # optional overrides of the preset's trunk (paper Table 2 "scaling up DiT" rows)
-    depth: Optional[int] = None
-    hidden_size: Optional[int] = None
-    num_heads: Optional[int] = None
-    head: HeadConfig = field(default_factory=HeadConfig)
-
-
 @dataclass
 class RepaConfig:
     enabled: bool = False
@@ -131,7 +99,8 @@ class SamplerConfig:
     method: Literal["euler", "heun"] = "euler"
     steps: int = 100
     cfg_scale: float = 2.9
-    # t-interval (t=1 noise, t=0 data) where guidance is applied, ends included
+    # t-interval (t=1 noise, t=0 data) where guidance is applied; its ends as the released
+    # sampler: Euler guides on (low, high), Heun on [low, high) (diffusion/sampler.py)
     cfg_interval: list[float] = field(default_factory=lambda: [0.03, 0.89])
 
 
@@ -227,22 +196,13 @@ def load_config(path: Optional[str], overrides: tuple[str, ...] | list[str] = ()
     for item in overrides:
         _apply_override(raw, item)
     errors: list[str] = []
-    cfg = _build(ExperimentConfig, raw, "", errors)
+    cfg = build(ExperimentConfig, raw, "", errors)
     if not errors:
         errors.extend(_cross_checks(cfg))
     if errors:
         where = f" in {path}" if path else ""
         raise ConfigError(f"invalid config{where}:\n  " + "\n  ".join(errors))
     return cfg
-
-
-def build_section(cls, raw: dict[str, Any], prefix: str = ""):
-    """Build and type-check one section on its own (e.g. the ModelConfig stored in a model file)."""
-    errors: list[str] = []
-    obj = _build(cls, raw, prefix, errors)
-    if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
-    return obj
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -314,157 +274,15 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
-def _suggest(name: str, choices) -> str:
-    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _type_name(tp) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return " | ".join(map(str, get_args(tp)))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
-    if origin is list:
-        return f"list of {_type_name(get_args(tp)[0])}"
-    if origin is dict:
-        return "mapping"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _build(cls, raw: Any, prefix: str, errors: list[str]):
-    if not isinstance(raw, dict):
-        errors.append(f"{prefix.rstrip('.') or '<top level>'}: expected a mapping of keys, got {raw!r}")
-        return cls()
-    hints = get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in raw:
-        if key not in hints:
-            errors.append(
-                f"unknown key {prefix + str(key)!r}{_suggest(key, names)}; "
-                f"valid keys here: {', '.join(names)}"
-            )
-    kwargs = {}
-    for name in names:
-        if name in raw:
-            kwargs[name] = _coerce(hints[name], raw[name], prefix + name, errors)
-    return cls(**kwargs)
-
-
-def _coerce(tp, value: Any, key: str, errors: list[str]):
-    origin = get_origin(tp)
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value if value is not None else {}, key + ".", errors)
-    if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1:
-            return _coerce(inner[0], value, key, errors)
-        errors.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
-        return None
-    if origin is Literal:
-        choices = get_args(tp)
-        if value in choices and type(value) is type(choices[0]):
-            return value
-        errors.append(
-            f"{key}: {value!r} is not a valid choice; valid choices: "
-            f"{', '.join(map(str, choices))}{_suggest(value, choices)}"
-        )
-        return choices[0]
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            errors.append(f"{key}: expected a {_type_name(tp)}, got {value!r}")
-            return []
-        (item_tp,) = get_args(tp)
-        return [_coerce(item_tp, v, f"{key}[{i}]", errors) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            errors.append(f"{key}: expected a mapping, got {value!r}")
-            return {}
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        errors.append(f"{key}: expected true or false, got {value!r}")
-        return False
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        errors.append(f"{key}: expected an integer, got {value!r}")
-        return 0
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        errors.append(f"{key}: expected a number, got {value!r}")
-        return 0.0
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        errors.append(f"{key}: expected a string, got {value!r}")
-        return ""
-    raise TypeError(f"unsupported config type {tp} at {key}")  # a schema bug, not a user error
-
-
 # --------------------------------------------------------------------------------------------
 # Cross-field checks
 # --------------------------------------------------------------------------------------------
 def _cross_checks(cfg: ExperimentConfig) -> list[str]:
-    errs: list[str] = []
-    m, h = cfg.model, cfg.model.head
+    errs = model_problems(cfg.model)
+    m = cfg.model
     if m.preset not in PRESETS:
-        errs.append(
-            f"model.preset: {m.preset!r} is not a valid choice; valid choices: "
-            f"{', '.join(PRESETS)}{_suggest(m.preset, PRESETS)}"
-        )
         return errs
-    trunk = resolve_trunk(m.preset, depth=m.depth, hidden_size=m.hidden_size, num_heads=m.num_heads)
-    p = trunk.patch_size
-    for name in ("depth", "hidden_size", "num_heads"):
-        v = getattr(m, name)
-        if v is not None and v < 1:
-            errs.append(f"model.{name}: must be >= 1, got {v}")
-    if trunk.hidden_size % trunk.num_heads or (trunk.hidden_size // trunk.num_heads) % 4:
-        errs.append(
-            f"model: hidden_size {trunk.hidden_size} / num_heads {trunk.num_heads} must give a head "
-            "dimension divisible by 4 (2D RoPE rotates pairs along two axes)"
-        )
-    if m.image_size <= 0 or m.image_size % p:
-        errs.append(f"model.image_size: {m.image_size} is not a positive multiple of the patch size {p} ({m.preset})")
-    if m.num_classes < 1:
-        errs.append(f"model.num_classes: must be >= 1, got {m.num_classes}")
-    if h.type == "none" and h.placement != "post_hoc":
-        errs.append(
-            f"model.head.placement: {h.placement!r} needs a detailer head, but model.head.type is 'none' "
-            "(the DiT-only baseline); set model.head.type to conv_unet, mlp, coord_mlp or patch_attention"
-        )
-    if h.placement != "post_hoc" and h.type != "none":
-        k = h.inject_after if h.inject_after is not None else trunk.depth // 2
-        if not 1 <= k <= trunk.depth - 1:
-            errs.append(f"model.head.inject_after: must be in 1..{trunk.depth - 1} for a {trunk.depth}-block trunk, got {k}")
-    if h.type == "conv_unet":
-        if not h.channels or any(c < 1 for c in h.channels):
-            errs.append(f"model.head.channels: expected a non-empty list of positive widths, got {h.channels}")
-        elif p % (2 ** len(h.channels)):
-            errs.append(
-                f"model.head.channels: {len(h.channels)} levels halve a {p}x{p} patch {len(h.channels)} times; "
-                f"the patch size must be divisible by {2 ** len(h.channels)} (use at most "
-                f"{(p & -p).bit_length() - 1} levels)"
-            )
-    for name in ("width", "depth"):
-        v = getattr(h, name)
-        if v is not None and v < 1:
-            errs.append(f"model.head.{name}: must be >= 1, got {v}")
+    trunk = m.trunk()
 
     o = cfg.objective
     if not 0.0 <= o.label_dropout < 1.0:
@@ -530,15 +348,16 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
         errs.append(f"logging.sample_classes: class ids must be in 0..{m.num_classes - 1}, got {lg.sample_classes}")
 
     for key, value in (
-        ("optimizer.warmup", opt.warmup),
+        ("optimizer.warmup", opt.warmup),  # the one that may be zero
         ("trainer.max_duration", cfg.trainer.max_duration),
         ("trainer.save_interval", cfg.trainer.save_interval),
         ("trainer.console_log_interval", cfg.trainer.console_log_interval),
         ("logging.metrics_interval", lg.metrics_interval),
         ("logging.sample_interval", lg.sample_interval),
     ):
-        if not _TIME_RE.match(value):
-            errs.append(f"{key}: {value!r} is not a Composer time string (e.g. '600ep', '1000ba', '0.1dur')")
+        problem = time_string_problem(key, value, positive=key != "optimizer.warmup")
+        if problem:
+            errs.append(problem)
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", cfg.run_name):
         errs.append(f"run_name: {cfg.run_name!r} may hold only letters, digits, '.', '_' and '-'")
     return errs

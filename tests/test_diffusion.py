@@ -72,12 +72,14 @@ def test_objective_uses_the_null_label_only_in_training():
     assert abs(loss.item() - 1.0) < 0.05
 
 
-def test_cfg_interval_mask_edges():
-    lo, hi, w = 0.03, 0.89, 2.9
-    assert cfg_scale_at(lo, w, (lo, hi)) == w and cfg_scale_at(hi, w, (lo, hi)) == w
-    assert cfg_scale_at(math.nextafter(lo, 0), w, (lo, hi)) == 1.0
-    assert cfg_scale_at(math.nextafter(hi, 1), w, (lo, hi)) == 1.0
-    assert cfg_scale_at(0.5, w, (lo, hi)) == w and cfg_scale_at(1.0, w, (lo, hi)) == 1.0
+def _released_guided_steps(steps: int, r_min: float, r_max: float, method: str) -> list[int]:
+    """The steps the released sampler guides, computed in its own time r = 1 - t (r = 0 is noise):
+    a float32 grid linspace(0, 1 - 1/steps, steps), guided where r_min < r < r_max (Euler) or
+    r_min < r <= r_max (Heun), both compared in float32."""
+    r = torch.linspace(0.0, 1.0 - 1.0 / steps, steps)
+    lo, hi = torch.tensor(r_min), torch.tensor(r_max)
+    upper = (r <= hi) if method == "heun" else (r < hi)
+    return torch.nonzero((r > lo) & upper).flatten().tolist()
 
 
 class _ConstantField(torch.nn.Module):
@@ -93,21 +95,58 @@ class _ConstantField(torch.nn.Module):
 
 
 @pytest.mark.parametrize("method", ["euler", "heun"])
+def test_guided_steps_match_the_released_sampler_at_the_paper_interval(method):
+    # paper Appendix C: [0.11, 0.97] in the released time; [0.03, 0.89] in ours (t = 1 - r)
+    field = _ConstantField(null=5)
+    sample(field, torch.tensor([0]), [0], image_size=2, null_class=5, steps=100, method=method,
+           cfg_scale=2.9, cfg_interval=(0.03, 0.89))
+    per_step = field.calls if method == "euler" else field.calls[0::2]  # Heun: predictor calls
+    guided = [i for i, (_, batch) in enumerate(per_step) if batch == 2]
+    assert guided == _released_guided_steps(100, 0.11, 0.97, method)
+    assert (guided[0], guided[-1]) == ((12, 96) if method == "euler" else (12, 97))
+
+
+def test_cfg_interval_ends_follow_the_released_comparisons():
+    lo, hi, w = 0.03, 0.89, 2.9
+    assert cfg_scale_at(0.5, w, (lo, hi)) == w and cfg_scale_at(1.0, w, (lo, hi)) == 1.0
+    assert cfg_scale_at(hi, w, (lo, hi), "euler") == 1.0 and cfg_scale_at(hi, w, (lo, hi), "heun") == 1.0
+    assert cfg_scale_at(lo, w, (lo, hi), "euler") == 1.0 and cfg_scale_at(lo, w, (lo, hi), "heun") == w
+    # a float32 grid point a rounding error away from an end is on that end
+    assert cfg_scale_at(float(torch.tensor(lo)), w, (lo, hi), "heun") == w
+    assert cfg_scale_at(float(torch.tensor(hi)), w, (lo, hi), "euler") == 1.0
+    assert cfg_scale_at(hi - 1e-3, w, (lo, hi)) == w and cfg_scale_at(lo + 1e-3, w, (lo, hi)) == w
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
 def test_guidance_is_applied_exactly_inside_the_interval(method):
     steps, scale, interval = 10, 3.0, (0.3, 0.7)  # grid t = 1.0, 0.9, ..., 0.1
     field = _ConstantField(null=5)
     x = sample(field, torch.tensor([0, 1]), [0, 1], image_size=4, null_class=5, steps=steps,
                method=method, cfg_scale=scale, cfg_interval=interval)
-    for t, batch in field.calls:
-        assert batch == (4 if interval[0] <= t <= interval[1] else 2), (t, batch)  # doubled only where guided
-    # the guided velocity is `scale` inside the interval and 1 outside: integrate it by hand
     ts = torch.linspace(1, 0, steps + 1).tolist()
+    expected_calls = []
     drift = 0.0
     for t, t_next in zip(ts[:-1], ts[1:]):
-        v_t, v_next = cfg_scale_at(t, scale, interval), cfg_scale_at(t_next, scale, interval)
-        drift += (t_next - t) * (0.5 * (v_t + v_next) if method == "heun" and t_next > 0 else v_t)
+        w = cfg_scale_at(t, scale, interval, method)  # one decision per step, at its start
+        expected_calls.append(4 if w != 1.0 else 2)
+        if method == "heun" and t_next > 0:
+            expected_calls.append(4 if w != 1.0 else 2)  # the corrector is guided like its step
+        drift += (t_next - t) * w  # the field is constant: predictor and corrector agree
+    assert [batch for _, batch in field.calls] == expected_calls
+    assert 4 in expected_calls and 2 in expected_calls
     noise = torch.stack([torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(s)) for s in (0, 1)])
     assert torch.allclose(x, (noise + drift).clamp(-1, 1), atol=1e-5)
+
+
+def test_heun_corrector_uses_the_guidance_of_its_step():
+    # interval [0.35, 0.7) on a 10-step grid: the step from t = 0.8 to 0.7 is unguided although
+    # its corrector evaluates inside, at t = 0.7; the step 0.4 -> 0.3 is guided although its
+    # corrector evaluates outside, at t = 0.3
+    field = _ConstantField(null=5)
+    sample(field, torch.tensor([0]), [0], image_size=2, null_class=5, steps=10, method="heun",
+           cfg_scale=3.0, cfg_interval=(0.35, 0.7))
+    corrector = {round(t, 4): batch for t, batch in field.calls[1::2]}
+    assert corrector[0.7] == 1 and corrector[0.3] == 2
 
 
 @pytest.mark.parametrize("method", ["euler", "heun"])

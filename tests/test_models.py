@@ -72,10 +72,25 @@ def test_every_head_placement_and_patch_size(head, placement, patch):
     assert has["final_layer"] == (head == "none" or placement == "intermediate")
 
 
-def test_dit_only_starts_at_zero_and_dip_head_sees_the_noisy_pixels():
+def test_released_init_touches_only_the_embeddings():
     torch.manual_seed(0)
-    dit = build_model(_tiny("none", "post_hoc", 16).model)
-    dip = build_model(_tiny("conv_unet", "post_hoc", 16).model)
+    model = build_model(_tiny("conv_unet", "post_hoc", 16).model)  # model.init: released (the default)
+    assert model.x_embed.bias.abs().max() == 0
+    for w in (model.y_embed.table.weight, model.t_embed.mlp[0].weight, model.t_embed.mlp[2].weight):
+        assert abs(w.std().item() - 0.02) < 0.002
+    # blocks keep nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) weights and biases, no adaLN-zero
+    bound = 1 / model.trunk.hidden_size ** 0.5
+    for block in model.blocks:
+        for w in (block.adaLN.weight, block.adaLN.bias, block.attn.proj.bias):
+            assert 0.9 * bound < w.abs().max() <= bound
+    x, t, y = torch.randn(2, 3, 64, 64), torch.rand(2), torch.tensor([1, 2])
+    assert model(x, t, y).abs().max() > 0
+
+
+def test_dit_init_starts_at_zero_and_dip_head_sees_the_noisy_pixels():
+    torch.manual_seed(0)
+    dit = build_model(_tiny("none", "post_hoc", 16, **{"model.init": "dit"}).model)
+    dip = build_model(_tiny("conv_unet", "post_hoc", 16, **{"model.init": "dit"}).model)
     x, t, y = torch.randn(2, 3, 64, 64), torch.rand(2), torch.tensor([1, 2])
     assert dit(x, t, y).abs().max() == 0  # adaLN-Zero + zero final layer
     # DiP's head reads the pixels of its own patch: perturbing one patch changes only that patch
@@ -116,6 +131,23 @@ def test_patchify_round_trip_and_order():
     assert torch.equal(unpatchify(p, 2, 3), x)
     # same flattening as F.unfold (the released code's layout)
     assert torch.equal(p.flatten(2), F.unfold(x, 16, stride=16).transpose(1, 2))
+
+
+@pytest.mark.parametrize("image, patch", [(64, 16), (256, 16), (512, 16), (512, 32)])
+def test_rope_positions_are_the_released_linspace(image, patch):
+    n = image // patch
+    head_dim = 72  # XL: 1152 / 16
+    cos, sin = rope_2d(head_dim, n, n, "cpu")
+    angles = torch.atan2(sin, cos)  # (N, 36), wrapped to (-pi, pi]
+    pos = [16 * i / (n - 1) for i in range(n)]  # linspace(0, 16, n): the span is 16 whatever the grid
+    freqs = [10000 ** (-4 * j / head_dim) for j in range(head_dim // 4)]
+    for token in (0, 1, n + 2, n * n - 1):
+        row, col = divmod(token, n)
+        for j, f in enumerate(freqs):
+            for pair, p in ((2 * j, pos[col]), (2 * j + 1, pos[row])):  # x then y, interleaved
+                want = torch.tensor(p * f)
+                want = torch.atan2(torch.sin(want), torch.cos(want))
+                assert abs(angles[token, pair] - want) < 1e-4, (token, pair)
 
 
 def test_rope_2d_scores_depend_only_on_relative_position():

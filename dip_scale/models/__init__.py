@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
-    from dip_scale.config import ModelConfig
+    from dip_scale.models.spec import ModelConfig
     from dip_scale.models.dip import DiP
 
 

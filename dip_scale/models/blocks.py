@@ -43,17 +43,24 @@ class RMSNorm(nn.Module):
         return (x32 * self.weight.float()).to(x.dtype)
 
 
+ROPE_SPAN = 16.0  # released DiP: grid positions run over [0, 16] along each axis, whatever the grid
+
+
+def rope_positions(n: int, device=None) -> torch.Tensor:
+    """Positions of n tokens along one axis: linspace(0, ROPE_SPAN, n), as in the released DiP
+    (steps of 16/15 on a 16-token side at 256 px, 16/31 on a 32-token side at 512 px)."""
+    return torch.linspace(0.0, ROPE_SPAN, n, dtype=torch.float32, device=device)
+
+
 def rope_2d(head_dim: int, grid_h: int, grid_w: int, device, theta: float = 10000.0):
-    """cos/sin tables (N, head_dim/2) of 2D rotary embeddings: half the rotated pairs follow the
-    column index, half the row index, with the usual geometric frequency ladder."""
+    """cos/sin tables (N, head_dim/2) of 2D rotary embeddings for a row-major grid. Rotated pair
+    2j follows the column position and pair 2j+1 the row position, both at frequency
+    theta^(-4j/head_dim): the released DiP's interleaved x/y layout, so its q/k weights load
+    without any channel permutation."""
     n_freq = head_dim // 4
-    freqs = theta ** (-torch.arange(n_freq, dtype=torch.float32, device=device) / n_freq)
-    ys, xs = torch.meshgrid(
-        torch.arange(grid_h, dtype=torch.float32, device=device),
-        torch.arange(grid_w, dtype=torch.float32, device=device),
-        indexing="ij",
-    )
-    angles = torch.cat([xs.reshape(-1, 1) * freqs, ys.reshape(-1, 1) * freqs], dim=-1)
+    freqs = 1.0 / theta ** (torch.arange(0, 4 * n_freq, 4, dtype=torch.float32, device=device) / head_dim)
+    ys, xs = torch.meshgrid(rope_positions(grid_h, device), rope_positions(grid_w, device), indexing="ij")
+    angles = torch.stack([xs.reshape(-1, 1) * freqs, ys.reshape(-1, 1) * freqs], dim=-1).flatten(1)
     return angles.cos(), angles.sin()
 
 

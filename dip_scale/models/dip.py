@@ -21,14 +21,14 @@ from dip_scale.models.blocks import (
     unpatchify,
 )
 from dip_scale.models.heads import build_head
-from dip_scale.models.presets import TrunkSpec, resolve_trunk
+from dip_scale.models.presets import TrunkSpec
 
 # Modules on the output path; everything else is the trunk (for parameter accounting).
 HEAD_MODULES = ("head", "mid_head", "inject", "final_layer")
 
 
 class DiP(nn.Module):
-    def __init__(self, trunk: TrunkSpec, head_cfg, image_size: int, num_classes: int, in_ch: int = 3):
+    def __init__(self, trunk: TrunkSpec, head_cfg, image_size: int, num_classes: int, in_ch: int = 3, init: str = "released"):
         super().__init__()
         d, p = trunk.hidden_size, trunk.patch_size
         self.trunk = trunk
@@ -52,29 +52,36 @@ class DiP(nn.Module):
             self.head = build_head(head_cfg, d, p)
         else:
             self.final_layer = FinalLayer(d, patch_dim)
-        self._init_weights()
+        if init not in ("released", "dit"):
+            raise ValueError(f"model.init: {init!r}; valid: released, dit")
+        if init == "dit":
+            self._init_dit()
+        self._init_embeddings()
 
     @classmethod
     def from_config(cls, cfg) -> "DiP":
-        """Build from a dip_scale.config.ModelConfig."""
-        trunk = resolve_trunk(cfg.preset, depth=cfg.depth, hidden_size=cfg.hidden_size, num_heads=cfg.num_heads)
-        return cls(trunk, cfg.head, cfg.image_size, cfg.num_classes)
+        """Build from a dip_scale.models.spec.ModelConfig."""
+        return cls(cfg.trunk(), cfg.head, cfg.image_size, cfg.num_classes, init=cfg.init)
 
-    def _init_weights(self) -> None:
-        # DiT recipe on the trunk: xavier linears, small-normal embeddings, adaLN-Zero (every block
-        # starts as the identity) and a zero DiT final layer / zero injection. The detailer heads
-        # keep PyTorch's default init, as in the released code.
-        trunk_modules = [self.x_embed, self.t_embed, self.blocks]
-        trunk_modules += [m for m in (getattr(self, "final_layer", None), getattr(self, "inject", None)) if m is not None]
-        for module in trunk_modules:
-            for m in module.modules():
+    def _init_embeddings(self) -> None:
+        # As released: the patch embedding xavier with zero bias, the label table and both time-MLP
+        # weights N(0, 0.02); every other module keeps PyTorch's default init (no adaLN-zero).
+        nn.init.xavier_uniform_(self.x_embed.weight)
+        nn.init.zeros_(self.x_embed.bias)
+        nn.init.normal_(self.y_embed.table.weight, std=0.02)
+        nn.init.normal_(self.t_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embed.mlp[2].weight, std=0.02)
+
+    def _init_dit(self) -> None:
+        # DiT's recipe: xavier trunk linears with zero biases, adaLN-Zero (every block starts as
+        # the identity), a zero DiT final layer and a zero injection; the embeddings then as
+        # above. The detailer heads keep PyTorch's default init either way.
+        for module in [self.t_embed, self.blocks, getattr(self, "final_layer", None), getattr(self, "inject", None)]:
+            for m in module.modules() if module is not None else ():
                 if isinstance(m, nn.Linear):
                     nn.init.xavier_uniform_(m.weight)
                     if m.bias is not None:
                         nn.init.zeros_(m.bias)
-        nn.init.normal_(self.y_embed.table.weight, std=0.02)
-        nn.init.normal_(self.t_embed.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embed.mlp[2].weight, std=0.02)
         zero = [b.adaLN for b in self.blocks]
         if hasattr(self, "final_layer"):
             zero += [self.final_layer.adaLN, self.final_layer.linear]

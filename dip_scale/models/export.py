@@ -30,8 +30,9 @@ def read_model_file(path: str):
     """-> (DiP in eval mode with the stored weights, ModelConfig, metadata dict)."""
     from safetensors import safe_open
 
-    from dip_scale.config import ModelConfig, build_section
     from dip_scale.models import build_model
+    from dip_scale.models.spec import ModelConfig
+    from dip_scale.schema import build_section
 
     with tempfile.TemporaryDirectory() as tmp:
         local = path

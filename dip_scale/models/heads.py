@@ -128,7 +128,7 @@ class PatchAttentionHead(nn.Module):
 
 
 def build_head(head_cfg, token_dim: int, patch_size: int) -> nn.Module:
-    """The detailer head named by `head_cfg.type` (a dip_scale.config.HeadConfig)."""
+    """The detailer head named by `head_cfg.type` (a dip_scale.models.spec.HeadConfig)."""
     if head_cfg.type == "conv_unet":
         return ConvUNetHead(token_dim, patch_size, head_cfg.channels, head_cfg.upsample)
     heads = {"mlp": MLPHead, "coord_mlp": CoordMLPHead, "patch_attention": PatchAttentionHead}
