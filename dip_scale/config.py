@@ -92,6 +92,10 @@ class TrainerConfig:
     device_train_microbatch_size: Optional[int] = None
     progress_bar: bool = True
     console_log_interval: str = "100ba"
+    # a dip_scale model file (an EMA export, or tools/import_released_checkpoint.py's output) that
+    # a fresh run starts from: model weights, EMA, and the REPA projector when the file has one.
+    # A run that resumes from its own checkpoints ignores it. Local path or s3://
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -203,6 +207,25 @@ def load_config(path: Optional[str], overrides: tuple[str, ...] | list[str] = ()
         where = f" in {path}" if path else ""
         raise ConfigError(f"invalid config{where}:\n  " + "\n  ".join(errors))
     return cfg
+
+
+def load_model_config(path: Optional[str], overrides: tuple[str, ...] | list[str] = ()) -> ModelConfig:
+    """The `model:` section of an experiment YAML (with `base:` and `model.*` overrides), checked
+    on its own: for tools that need the architecture only (importing or summarising weights),
+    so the rest of a paper YAML need not fit the model being described."""
+    raw = _read_yaml(path) if path is not None else {}
+    foreign = [o for o in overrides if not o.strip().startswith("model.")]
+    if foreign:
+        raise ConfigError(f"only model.* overrides apply here, got {', '.join(foreign)}")
+    for item in overrides:
+        _apply_override(raw, item)
+    errors: list[str] = []
+    model = build(ModelConfig, raw.get("model") or {}, "model.", errors)
+    errors = errors or model_problems(model)
+    if errors:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid config{where}:\n  " + "\n  ".join(errors))
+    return model
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -370,6 +393,13 @@ def missing_files(cfg: ExperimentConfig) -> list[str]:
     r, ev = cfg.objective.repa, cfg.eval
     if r.enabled and r.weights and not os.path.isfile(r.weights):
         errs.append(f"objective.repa.weights: file not found: {r.weights}")
+    init = cfg.trainer.init_from
+    if init and not init.startswith("s3://"):  # an s3:// file is checked when the run starts
+        if not os.path.isfile(init):
+            errs.append(f"trainer.init_from: file not found: {init} (a dip_scale model file: an EMA export or "
+                        "tools/import_released_checkpoint.py's output)")
+        else:
+            errs.extend(init_from_problems(init, cfg.model))
     if ev.backend == "local":  # a Kubernetes Job reads its files inside its own image / from S3
         for key, maker in (("inception_weights", "the real file, or tools/make_standin_inception.py for a stand-in"),
                            ("reference_stats", "tools/make_fid_stats.py")):
@@ -378,6 +408,21 @@ def missing_files(cfg: ExperimentConfig) -> list[str]:
                 errs.append(f"eval.{key}: file not found: {path} ({maker}; tools/demo.py makes the demo's; "
                             "eval.backend=none runs without evaluation)")
     return errs
+
+
+def init_from_problems(path: str, model: ModelConfig) -> list[str]:
+    """Why the model file at a local `path` cannot start a run of `model` (empty: it can)."""
+    from dip_scale.models.export import read_model_header
+    from dip_scale.models.spec import architecture_differences
+
+    try:
+        stored, _ = read_model_header(path)
+    except (ValueError, ConfigError) as e:
+        return [f"trainer.init_from: {e}"]
+    diff = architecture_differences(stored, model)
+    if diff:
+        return [f"trainer.init_from: {path} holds another architecture than model: ({'; '.join(diff)}; file != config)"]
+    return []
 
 
 def load_config_or_exit(argv: list[str], usage: str, check_files: bool = False) -> ExperimentConfig:

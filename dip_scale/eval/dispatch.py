@@ -273,7 +273,8 @@ class EvalDispatch(Callback):
                     raise ConfigError(str(e)) from None
 
     def fit_start(self, state: State, logger: Logger) -> None:
-        self._seen = len(self.ema.exported)
+        # (an export already made at fit start, the starting point of a fine-tune, is dispatched
+        # with the first checkpoint's)
         if dist.get_global_rank() != 0 or state.timestamp.batch.value == 0:
             return
         try:

@@ -140,12 +140,17 @@ class TimestepEmbedder(nn.Module):
         self.max_period = max_period
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
+    def frequencies(self, device=None) -> torch.Tensor:
+        """(freq_dim/2,) float32 frequencies; the features of t are [cos(t f), sin(t f)]."""
         half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = t.float()[:, None] * freqs[None]
-        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+        return torch.exp(-math.log(self.max_period) * torch.arange(half, dtype=torch.float32, device=device) / half)
+
+    def features(self, t: torch.Tensor) -> torch.Tensor:
+        args = t.float()[:, None] * self.frequencies(t.device)[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.features(t).to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):

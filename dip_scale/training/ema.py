@@ -30,9 +30,10 @@ log = logging.getLogger(__name__)
 PREFIX = "model."  # the DiP inside the ComposerModel; the REPA projector is not averaged
 
 
-def _owned_fragments(state: State) -> tuple[dict, dict]:
-    """-> ({name: (fp32 source view, start, numel)} owned by this rank,
-           {name: (full numel, shape)} for every averaged parameter)."""
+def owned_fragments(state: State, prefix: str = PREFIX) -> tuple[dict, dict]:
+    """-> ({name: (fp32 master view, start, numel)} owned by this rank,
+           {name: (full numel, shape)} for every trainable parameter under `prefix`, which is
+           stripped from the names)."""
     if not state.deepspeed_enabled:
         raise RuntimeError("the EMA callback reads DeepSpeed's fp32 master weights: train with a deepspeed: section")
     frags, meta = {}, {}
@@ -40,9 +41,9 @@ def _owned_fragments(state: State) -> tuple[dict, dict]:
     opt = engine.optimizer
     zero3 = engine.zero_optimization_stage() == 3
     for name, p in engine.module.named_parameters():
-        if not name.startswith(PREFIX) or not p.requires_grad:
+        if not name.startswith(prefix) or not p.requires_grad:
             continue
-        name = name[len(PREFIX) :]
+        name = name[len(prefix) :]
         if zero3:
             meta[name] = (p.ds_numel, tuple(p.ds_shape))
             group, offset, count = opt.grad_position[opt.get_param_id(p)]
@@ -76,11 +77,12 @@ class EMA(Callback):
         self._meta: dict = {}
         self._state: Optional[State] = None
         self._last_export_batch = -1
+        self.export_at_start = False  # set for runs that start from trainer.init_from
 
     # ------------------------------------------------------------------ shards
     def fit_start(self, state: State, logger: Logger) -> None:
         self._state = state
-        frags, self._meta = _owned_fragments(state)
+        frags, self._meta = owned_fragments(state)
         with torch.no_grad():
             if self._pending_full is not None:  # resumed: take my slice of the checkpointed EMA
                 full = self._pending_full
@@ -94,9 +96,11 @@ class EMA(Callback):
                 self._pending_full = None
             elif not self.shadow:  # fresh run: start from the initial weights
                 self.shadow = {n: (src.detach().float().clone(), s, k) for n, (src, s, k) in frags.items()}
+                if self.export_at_start and state.timestamp.batch.value == 0:
+                    self._export(state)  # the starting point of a fine-tune, evaluated like any checkpoint
 
     def batch_end(self, state: State, logger: Logger) -> None:
-        frags, _ = _owned_fragments(state)  # re-resolved every step: cheap, and never stale
+        frags, _ = owned_fragments(state)  # re-resolved every step: cheap, and never stale
         names = list(self.shadow)
         if not names:
             self.updates += 1

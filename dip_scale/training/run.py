@@ -87,6 +87,16 @@ def train(cfg: ExperimentConfig) -> None:
     objective = FlowMatchingObjective(cfg.objective, cfg.model.num_classes, repa)
     macs = summarize(cfg.model)["gmacs_per_image"] * 1e9
     composer_model = DiPComposerModel(model, objective, macs)
+    t = cfg.trainer
+    autoresume = t.autoresume if t.autoresume is not None else bool(t.save_folder)
+    load_path = resolve_resume(t.save_folder, cfg.run_name, os.path.join(run_dir, "resume")) if autoresume else None
+    init_weights = None
+    if t.init_from and load_path is None:
+        from dip_scale.training.init_from import load_init_weights
+
+        init_weights = load_init_weights(t.init_from, composer_model, cfg.model)  # before DeepSpeed wraps the model
+    elif t.init_from:
+        log.info("resuming from %s: trainer.init_from (%s) is not used", load_path, t.init_from)
 
     loader = build_train_dataloader(cfg.data, device_batch_size=device_batch, seed=cfg.seed, cache_dir=os.path.join(run_dir, "mds-cache"))
     info = dataset_info(cfg.data)
@@ -98,14 +108,12 @@ def train(cfg: ExperimentConfig) -> None:
         [p for p in composer_model.parameters() if p.requires_grad],
         lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay,
     )
-    t = cfg.trainer
-    autoresume = t.autoresume if t.autoresume is not None else bool(t.save_folder)
-    load_path = resolve_resume(t.save_folder, cfg.run_name, os.path.join(run_dir, "resume")) if autoresume else None
     keep = t.save_num_checkpoints_to_keep
     if t.save_folder and storage.is_s3(t.save_folder) and keep < 0:
         keep = 1  # for an S3 folder this counts the local staging copies only; S3 keeps every checkpoint
 
     ema = EMA(cfg.ema.decay, cfg.model, t.save_folder, t.save_interval, cfg.run_name)
+    ema.export_at_start = init_weights is not None
     rng = RestoreRNG()
     callbacks = [
         NonFiniteGuard(),  # first: stops before anything else records a non-finite step
@@ -117,6 +125,10 @@ def train(cfg: ExperimentConfig) -> None:
                    os.path.join(run_dir, "samples"), class_names=[c["name"] for c in info.classes] if info else None),
         SpeedMonitor(window_size=50, gpu_flops_available=cfg.logging.peak_flops),
     ]
+    if init_weights is not None:
+        from dip_scale.training.init_from import ExactMasters
+
+        callbacks.insert(callbacks.index(ema), ExactMasters(init_weights))  # before the EMA's starting copy
     evals = None
     if cfg.eval.backend != "none":
         from dip_scale.eval.dispatch import EvalDispatch
