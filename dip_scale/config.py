@@ -88,6 +88,9 @@ class TrainerConfig:
     save_interval: str = "10ep"
     save_num_checkpoints_to_keep: int = -1
     autoresume: Optional[bool] = None  # None: on when run_name and save_folder are set
+    # delete the checkpoints, EMA exports and eval results of an earlier run in save_folder and
+    # start from step 0 (without it, a folder this run cannot resume from is an error)
+    start_over: bool = False
     device: Literal["auto", "cpu", "gpu"] = "auto"
     device_train_microbatch_size: Optional[int] = None
     progress_bar: bool = True
@@ -321,6 +324,13 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
         if r.weight < 0:
             errs.append(f"objective.repa.weight: must be >= 0, got {r.weight}")
 
+    t = cfg.trainer
+    if t.autoresume and not t.save_folder:
+        errs.append("trainer.autoresume: true needs trainer.save_folder")
+    if t.max_duration.endswith("dur"):
+        errs.append(f"trainer.max_duration: {t.max_duration!r} is relative to itself; use ep, ba, sp or tok")
+    errs.extend(deepspeed_problems(cfg.deepspeed))
+
     opt = cfg.optimizer
     if opt.lr <= 0:
         errs.append(f"optimizer.lr: must be > 0, got {opt.lr}")
@@ -384,6 +394,26 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", cfg.run_name):
         errs.append(f"run_name: {cfg.run_name!r} may hold only letters, digits, '.', '_' and '-'")
     return errs
+
+
+def s3_locations(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """(config key, s3:// URL) of every object-storage location a training run uses."""
+    pairs = [("trainer.save_folder", (cfg.trainer.save_folder or "").replace("{run_name}", cfg.run_name)),
+             ("data.remote", cfg.data.remote), ("trainer.init_from", cfg.trainer.init_from or "")]
+    if cfg.eval.backend != "none":
+        pairs.append(("eval.reference_stats", cfg.eval.reference_stats or ""))
+    return [(k, v) for k, v in pairs if v.startswith("s3://")]
+
+
+def deepspeed_problems(ds: dict[str, Any]) -> list[str]:
+    """What is wrong with the `deepspeed:` section before DeepSpeed is imported (its own schema
+    is checked by training/deepspeed.py on the training machine)."""
+    if not ds:
+        return ["deepspeed: the section is empty; dip_scale trains with DeepSpeed (e.g. zero_optimization: {stage: 2})"]
+    zero = ds.get("zero_optimization")
+    if isinstance(zero, dict) and "stage" in zero and zero["stage"] not in (0, 1, 2, 3):
+        return [f"deepspeed.zero_optimization.stage: {zero['stage']!r} is not a valid choice; valid choices: 0, 1, 2, 3"]
+    return []
 
 
 def missing_files(cfg: ExperimentConfig) -> list[str]:

@@ -28,21 +28,51 @@ def split_s3(url: str) -> tuple[str, str]:
     return bucket, key
 
 
+# Two budgets. Work in flight (uploads and reads during a run) rides out an outage of a few
+# minutes; the probe at start-up answers within about a minute (4 tries of at most 5 s to
+# connect + 10 s to answer, plus backoff), so an endpoint that refuses or never answers is one
+# clear line before anything is built, not a 5-minute traceback or a silent hang.
+_WORK = {"retries": {"max_attempts": 20, "mode": "standard"}, "connect_timeout": 10, "read_timeout": 60}
+_PROBE = {"retries": {"max_attempts": 4, "mode": "standard"}, "connect_timeout": 5, "read_timeout": 10}
+
+
+class StorageUnreachable(ConnectionError):
+    """Object storage could not be reached or used; the message names the endpoint and the URL."""
+
+
 @lru_cache(maxsize=None)
-def s3_client(pid: int = 0):
-    """A boto3 S3 client with retries (`pid` keys the cache: clients must not cross fork())."""
+def s3_client(pid: int = 0, probe: bool = False):
+    """A boto3 S3 client (`pid` keys the cache: clients must not cross fork())."""
     import boto3
     from botocore.config import Config
 
-    return boto3.client(
-        "s3",
-        endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None,
-        config=Config(retries={"max_attempts": 20, "mode": "standard"}, connect_timeout=10, read_timeout=60),
-    )
+    return boto3.client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None, config=Config(**(_PROBE if probe else _WORK)))
 
 
 def _client():
     return s3_client(os.getpid())
+
+
+def endpoint() -> str:
+    return os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or "the default AWS S3 endpoint"
+
+
+def check_reachable(url: str, what: str) -> None:
+    """One bounded request for the bucket of `url` (see _PROBE); StorageUnreachable names the
+    endpoint, the URL and the config key `what` that holds it."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _ = split_s3(url)
+    try:
+        s3_client(os.getpid(), probe=True).head_bucket(Bucket=bucket)
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        why = {"404": "the bucket does not exist", "NoSuchBucket": "the bucket does not exist",
+               "403": "access denied (credentials come from the AWS chain: AWS_ACCESS_KEY_ID, ...)"}.get(code, f"error {code}")
+        raise StorageUnreachable(f"{what}: {url}: {why} at {endpoint()}") from None
+    except BotoCoreError as e:  # refused, timed out, DNS, TLS, no credentials
+        raise StorageUnreachable(f"{what}: cannot use {url}: {type(e).__name__} at {endpoint()} "
+                                 f"(S3_ENDPOINT_URL; gave up after about a minute): {e}") from None
 
 
 def read_bytes(path: str) -> Optional[bytes]:
@@ -113,18 +143,37 @@ def download_file(path: str, local: str) -> None:
     upload_file(path, local)
 
 
-def list_keys(prefix: str) -> list[str]:
-    """Paths (full URLs for S3) of every object below a folder/prefix."""
+def list_sizes(prefix: str) -> dict[str, int]:
+    """Path (full URL for S3) -> size in bytes of every object below a folder/prefix."""
     if is_s3(prefix):
         bucket, key = split_s3(prefix.rstrip("/") + "/")
-        out = []
+        out = {}
         for page in _client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
-            out += [f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", [])]
+            out.update({f"s3://{bucket}/{o['Key']}": o["Size"] for o in page.get("Contents", [])})
         return out
-    out = []
+    out = {}
     for dirpath, _, files in os.walk(prefix):
-        out += [os.path.join(dirpath, f) for f in files]
-    return sorted(out)
+        for f in files:
+            path = os.path.join(dirpath, f)
+            try:
+                out[path] = os.path.getsize(path)
+            except OSError:  # a link to nothing, or removed while listing
+                pass
+    return dict(sorted(out.items()))
+
+
+def list_keys(prefix: str) -> list[str]:
+    """Paths (full URLs for S3) of every object below a folder/prefix."""
+    return list(list_sizes(prefix))
+
+
+def remove(path: str) -> None:
+    """Delete one object or file (absent is fine)."""
+    if is_s3(path):
+        bucket, key = split_s3(path)
+        _client().delete_object(Bucket=bucket, Key=key)
+    elif os.path.lexists(path):
+        os.remove(path)
 
 
 def remove_tree(prefix: str) -> None:
@@ -140,6 +189,8 @@ def remove_tree(prefix: str) -> None:
 def check_writable(root: str) -> None:
     """Fail early, with the place named, if `root` cannot be written (bucket missing, no
     credentials, endpoint unreachable, read-only folder)."""
+    if is_s3(root):
+        check_reachable(root, "output")
     probe = join(root, ".dip_scale-write-probe")
     try:
         write_bytes(probe, b"ok")

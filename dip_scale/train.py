@@ -1,8 +1,12 @@
 """Train DiP: `composer -n 8 dip_scale/train.py CONFIG.yaml [key.path=value ...]`.
 
-Thin on purpose: load and validate the config (seconds, before any heavy import), then hand
-over to dip_scale.training.run, which builds model, data, optimiser and callbacks and calls
-composer.Trainer.fit(). Works under `composer -n N` and as plain `python dip_scale/train.py`.
+Thin on purpose: load and validate the config (seconds, before any heavy import), check that the
+object storage it names answers, then hand over to dip_scale.training.run (validate -> build ->
+fit -> report). Works under `composer -n N`, as `python dip_scale/train.py` and as
+`python -m dip_scale.train`. Exit codes, the same on every rank (docker/k8s/train-job.yaml's
+podFailurePolicy relies on them): 0 done (also: already complete), 2 config or input error,
+3 non-finite loss, 4 object storage unreachable, 5 checkpoint refused (authentication / unsafe
+members).
 """
 from __future__ import annotations
 
@@ -12,21 +16,33 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dip_scale.config import ConfigError, load_config_or_exit  # noqa: E402
+from dip_scale.config import ConfigError, load_config_or_exit, s3_locations  # noqa: E402
+
+EXIT_CONFIG, EXIT_NONFINITE, EXIT_STORAGE, EXIT_REFUSED = 2, 3, 4, 5
+USAGE = "usage: dip_scale/train.py CONFIG.yaml [key.path=value ...]"
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg = load_config_or_exit(sys.argv[1:] if argv is None else argv, "usage: dip_scale/train.py CONFIG.yaml [key.path=value ...]", check_files=True)
+        cfg = load_config_or_exit(sys.argv[1:] if argv is None else argv, USAGE, check_files=True)
     except SystemExit as e:
         return int(e.code)
+    from dip_scale import storage
+
+    rank = os.environ.get("RANK", "0")
+    try:
+        for key, url in s3_locations(cfg):
+            storage.check_reachable(url, key)
+    except storage.StorageUnreachable as e:
+        print(f"dip_scale (rank {rank}): {e}", file=sys.stderr)
+        return EXIT_STORAGE
     import logging
 
     from dip_scale.training.callbacks import NonFiniteLossError
+    from dip_scale.training.checkpoint import CheckpointError, CheckpointRefused
     from dip_scale.training.run import train  # heavy imports only after the config is known good
 
-    rank = os.environ.get("RANK", "0")
-    # S3 hiccups (checkpoint uploads, resume downloads) are retried with backoff for about a minute
+    # S3 hiccups during the run (checkpoint uploads, resume downloads) are retried with backoff
     os.environ.setdefault("AWS_MAX_ATTEMPTS", "20")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("composer", "streaming", "DeepSpeed", "deepspeed"):
@@ -35,10 +51,19 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg)
     except ConfigError as e:
         print(f"dip_scale: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     except NonFiniteLossError as e:
         print(f"dip_scale (rank {rank}): {e}", file=sys.stderr)
-        return 3
+        return EXIT_NONFINITE
+    except CheckpointRefused as e:
+        print(f"dip_scale (rank {rank}): {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    except CheckpointError as e:
+        print(f"dip_scale (rank {rank}): {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except storage.StorageUnreachable as e:
+        print(f"dip_scale (rank {rank}): {e}", file=sys.stderr)
+        return EXIT_STORAGE
     return 0
 
 

@@ -18,6 +18,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dip_scale.data.convert import ConvertError, Settings, convert  # noqa: E402
+from dip_scale.storage import StorageUnreachable  # noqa: E402
 from dip_scale.data.imagenet import ENCODINGS  # noqa: E402
 
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         code = convert(args.src, args.out, args.splits, settings, args.workers, args.skip_bad, args.validate, args.synsets, args.val_labels)
-    except (ConvertError, PermissionError) as e:
+    except (ConvertError, PermissionError, StorageUnreachable) as e:
         print(f"convert_imagenet_mds: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -358,6 +358,7 @@ def convert(
     """Convert the splits; returns the process exit code (0 ok, 1 bad files without --skip-bad
     or failed validation)."""
     started = time.time()
+    storage.check_writable(out)  # first: an unreachable output fails in seconds, not after the scan
     wnids = find_wnids(src)
     classes = class_index(wnids)
     names = read_class_names(src, synsets)
@@ -369,7 +370,6 @@ def convert(
         scanned[split] = shuffled(scan_split(src, split, classes, settings.limit_per_class, labels), settings.seed, split)
         if not scanned[split]:
             raise ConvertError(f"--src {src}: {split}/ holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    storage.check_writable(out)
 
     results = {s: convert_split(src, out, s, scanned[s], settings, workers, skip_bad) for s in splits}
     complete = all(r.merged for r in results.values())

@@ -1,129 +1,291 @@
-"""Checkpoint names and exact, multi-node-safe resume for Composer 0.27 + DeepSpeed.
+"""Resume that never silently restarts, never crash-loops on a damaged checkpoint, and never lets
+a planted file run code on the trainers (docs/architecture.md, "Checkpoints and resume").
 
-Composer's own autoresume under DeepSpeed has three flaws we route around (DESIGN §3):
-  * Each rank downloads only its own tar, but under ZeRO-1/2 `mp_rank_00_model_states.pt` and
-    Composer's `composer_states.pt` exist only in rank 0's tar: nodes without global rank 0
-    cannot resume (composer issue #2326).
-  * Each rank follows its own "latest" pointer; pointers are published independently, so a
-    job killed between two publications silently mixes steps.
-  * A mid-epoch resume with a resumable (streaming) dataset does not restore the RNG, so the
-    diffusion noise and times diverge from the uninterrupted run.
-`resolve_resume` picks the step from rank 0's pointer only, fetches this rank's tar and, on a
-node without global rank 0, appends rank 0's non-shard members to it; `RestoreRNG` puts the
-checkpointed RNG back before the first resumed batch. The resulting `load_path` goes to the
-Trainer with `autoresume=False`.
+Writing. After Composer saves a step, every rank hashes its own tar (sha256, and an HMAC-SHA256
+over name + bytes when DIP_SCALE_CHECKPOINT_KEY is set) and rank 0 writes the step's manifest
+`ep{e}-ba{b}.manifest.json`: the world size and every tar's size, sha256 and tag.
+
+Resuming. Rank 0 lists the save folder once and orders the steps newest first; a step is a
+candidate when its manifest lists tars that are all present at their recorded size (a step
+without a manifest, from a crash between the tars and the manifest or an older dip_scale, is a
+candidate when every rank's tar is there, unless a key is set). Every rank then copies its tar
+(and, on a node without global rank 0, rank 0's; Composer issue #2326) into `<run_dir>/resume/`
+while hashing it and checks the copy before Composer opens it: size and sha256 as recorded, the
+HMAC when a key is set, a tar that reads to its end, and no member that is absolute, climbs out
+with `..`, or is a link or a device. A damaged candidate (cut short, wrong size or hash) is
+reported by name and the next older one is tried; a forged one (bad or missing tag, unsafe
+member) stops every rank before anything is unpickled. A folder that holds checkpoints or
+exports this run cannot resume from is an error naming them, unless `trainer.start_over`.
+Composer's `latest` pointer is only a hint.
+
+Trust model: without a key the save folder (bucket) is the trust boundary, since Composer
+unpickles `composer_states.pt` with a full `torch.load`; with a key, only a holder of the key
+can produce a checkpoint the trainers will open.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import logging
 import os
-import re
+import posixpath
 import tarfile
+from dataclasses import dataclass, field
 from typing import Optional
 
-from composer.core import Callback, State
-from composer.loggers import Logger
-from composer.utils import dist, format_name_with_dist, reproducibility
+from composer.utils import dist, format_name_with_dist
 
 from dip_scale import storage
+from dip_scale.naming import Step, is_run_artefact, parse_manifest, parse_tar
 
 log = logging.getLogger(__name__)
 
-SAVE_FILENAME = "ep{epoch}-ba{batch}-rank{rank}.tar"  # plain .tar: DeepSpeed's *.pt.tar breaks autoresume
-LATEST_FILENAME = "latest-rank{rank}.tar"
-_RANK_SHARD = re.compile(r"zero_pp_rank_\d+_")
-_STEP = re.compile(r"^ep(\d+)-ba(\d+)-rank(\d+)\.tar$")
+KEY_ENV = "DIP_SCALE_CHECKPOINT_KEY"
+MANIFEST_FORMAT = "dip_scale.checkpoint.v1"
+_RANK_SHARD = "zero_pp_rank_"
 
 
-def _readable_tar(path: str) -> bool:
-    """A tar whose every header reads back: a checkpoint cut off mid-write is not."""
+class CheckpointError(RuntimeError):
+    """The save folder cannot be resumed from as it is; the message names files and the way out."""
+
+
+class CheckpointRefused(CheckpointError):
+    """A checkpoint failed authentication or holds unsafe members: nothing of it was opened."""
+
+
+def checkpoint_key() -> Optional[bytes]:
+    """The HMAC key from the environment (e.g. a Kubernetes Secret), never from YAML or logs."""
+    value = os.environ.get(KEY_ENV, "")
+    return value.encode() if value else None
+
+
+# --------------------------------------------------------------------------------------------
+# Hashing and checking one tar
+# --------------------------------------------------------------------------------------------
+def _hash(path: str, name: str, key: Optional[bytes], copy_to: Optional[str] = None) -> tuple[int, str, Optional[str]]:
+    """One read of a local file -> (size, sha256, HMAC-SHA256 of name + bytes or None), copying
+    it to `copy_to` on the way when given."""
+    sha = hashlib.sha256()
+    tag = hmac.new(key, name.encode() + b"\0", hashlib.sha256) if key else None
+    size = 0
+    out = open(copy_to, "wb") if copy_to else None
     try:
-        with tarfile.open(path) as t:
-            return bool(t.getmembers())
-    except (tarfile.TarError, OSError, EOFError):
-        return False
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                size += len(chunk)
+                sha.update(chunk)
+                if tag is not None:
+                    tag.update(chunk)
+                if out is not None:
+                    out.write(chunk)
+    finally:
+        if out is not None:
+            out.close()
+    return size, sha.hexdigest(), tag.hexdigest() if tag else None
 
 
-def _rank0_checkpoint_name(folder: str, run_name: str) -> Optional[str]:
-    """The file name rank 0's latest pointer names, or None for a fresh run."""
-    latest0 = format_name_with_dist(LATEST_FILENAME.replace("{rank}", "0"), run_name)
-    if storage.is_s3(folder):
-        # Composer publishes `<latest>.symlink` (an object holding the target's key) only once
-        # every rank's tar of that step exists on S3, so it never names an incomplete upload
-        data = storage.read_bytes(storage.join(folder, latest0 + ".symlink"))
-        return os.path.basename(data.decode().strip()) if data else None
-    link = os.path.join(folder, latest0)
-    if os.path.lexists(link):
-        return os.path.basename(os.readlink(link))
-    # the local pointer is replaced by remove + symlink; if killed in between, take the newest
-    # step whose tars all read back completely
-    steps = {}
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        m = _STEP.match(name)
-        if m:
-            steps.setdefault((int(m[1]), int(m[2])), []).append(os.path.join(folder, name))
-    world = dist.get_world_size()
-    for (epoch, batch), files in sorted(steps.items(), reverse=True):
-        if len(files) == world and all(_readable_tar(f) for f in files):
-            return SAVE_FILENAME.format(epoch=epoch, batch=batch, rank=0)
-    return None
+def unsafe_members(path: str) -> list[str]:
+    """Members Composer's `extractall` would write outside its folder, or that are not plain files
+    or folders. Raises tarfile.TarError / EOFError for a tar that does not read to its end."""
+    bad = []
+    with tarfile.open(path) as t:
+        for m in t.getmembers():
+            parts = m.name.split("/")
+            if m.name.startswith("/") or posixpath.isabs(m.name) or ".." in parts:
+                bad.append(f"{m.name} (outside the checkpoint)")
+            elif not (m.isfile() or m.isdir()):
+                bad.append(f"{m.name} ({'link' if m.issym() or m.islnk() else 'device or special file'})")
+    return bad
 
 
-def resolve_resume(save_folder: Optional[str], run_name: str, local_dir: str) -> Optional[str]:
-    """On every rank, before the Trainer is built: the `load_path` (a format string with {rank})
-    of the last complete checkpoint, or None when there is none (a fresh run)."""
+def record_step(state, local_tar: str, folder: str) -> None:
+    """On every rank after Composer saved `local_tar` for this step: gather the tars' digests and,
+    on rank 0, write the step's manifest into `folder` (local or s3://)."""
+    step = Step(batch=state.timestamp.batch.value, epoch=state.timestamp.epoch.value)
+    name = os.path.basename(local_tar)
+    size, sha, tag = _hash(local_tar, name, checkpoint_key())
+    rows = dist.all_gather_object({"name": name, "size": size, "sha256": sha, "hmac": tag})
+    if dist.get_global_rank() != 0:
+        return
+    manifest = {"format": MANIFEST_FORMAT, "batch": step.batch, "epoch": step.epoch, "world_size": len(rows),
+                "authenticated": tag is not None, "tars": {r["name"]: {k: r[k] for k in ("size", "sha256", "hmac")} for r in rows}}
+    storage.write_bytes(storage.join(folder, step.manifest), (json.dumps(manifest, indent=1) + "\n").encode())
+
+
+# --------------------------------------------------------------------------------------------
+# Finding the resume point (rank 0)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Candidate:
+    step: Step
+    tars: dict[int, str]  # rank -> path in the save folder
+    manifest: Optional[dict] = None
+    problems: list[str] = field(default_factory=list)
+
+
+def _scan(folder: str, world: int, key: Optional[bytes]) -> tuple[list[Candidate], list[Candidate], list[str]]:
+    """-> (candidates newest first, steps that are not, every run artefact in the folder)."""
+    sizes = storage.list_sizes(folder) if storage.is_s3(folder) or os.path.isdir(folder) else {}
+    root = folder.rstrip("/") + "/"
+    artefacts = [p for p in sizes if is_run_artefact(p[len(root):])]
+    steps: dict[Step, Candidate] = {}
+    for path in sizes:
+        rel = path[len(root):]
+        if "/" in rel:
+            continue
+        if (parsed := parse_tar(rel)) is not None:
+            step, rank = parsed
+            steps.setdefault(step, Candidate(step, {})).tars[rank] = path
+        elif (step := parse_manifest(rel)) is not None:
+            cand = steps.setdefault(step, Candidate(step, {}))
+            try:
+                cand.manifest = json.loads(storage.read_bytes(path) or b"")
+            except ValueError:
+                cand.problems.append(f"{path}: not a readable manifest")
+    good, bad = [], []
+    for step in sorted(steps, reverse=True):
+        cand = steps[step]
+        m = cand.manifest
+        if m is not None and not cand.problems:
+            names = {cand.step.tar(r): r for r in range(int(m.get("world_size", 0)))}
+            for name, rec in (m.get("tars") or {}).items():
+                path = storage.join(folder, name)
+                if name not in names:
+                    cand.problems.append(f"{path}: not a tar of this step")
+                elif path not in sizes:
+                    cand.problems.append(f"{path}: missing")
+                elif sizes[path] != rec.get("size"):
+                    cand.problems.append(f"{path}: {sizes[path]} bytes, the manifest records {rec.get('size')} (cut short?)")
+            if m.get("world_size") != world and not cand.problems:
+                cand.problems.append(f"written by {m.get('world_size')} ranks, this run has {world}")
+            if key is not None and not m.get("authenticated"):
+                cand.problems.append(f"{storage.join(folder, step.manifest)}: written without {KEY_ENV}, so it cannot be authenticated")
+        elif m is None:
+            if key is not None:
+                cand.problems.append(f"no manifest {storage.join(folder, step.manifest)}, so no authentication tags")
+            elif sorted(cand.tars) != list(range(world)):
+                cand.problems.append(f"tars of ranks {sorted(cand.tars)} present, this run has {world} ranks, and no manifest")
+        (bad if cand.problems else good).append(cand)
+    return good, bad, artefacts
+
+
+# --------------------------------------------------------------------------------------------
+# Fetching and checking on every rank
+# --------------------------------------------------------------------------------------------
+def _fetch(cand: Candidate, rank: int, local_dir: str, key: Optional[bytes]) -> tuple[str, str]:
+    """Copy rank's tar of `cand` into local_dir and check it -> ("ok" | "damaged" | "forged", why)."""
+    name = cand.step.tar(rank)
+    src = cand.tars.get(rank)
+    if src is None:
+        return "damaged", f"{name}: missing"
+    dst = os.path.join(local_dir, name)
+    try:
+        if storage.is_s3(src):
+            storage.download_file(src, dst + ".part")
+            size, sha, tag = _hash(dst + ".part", name, key)
+        else:  # a private copy: what is checked is what Composer opens
+            size, sha, tag = _hash(src, name, key, copy_to=dst + ".part")
+    except OSError as e:
+        _discard(dst + ".part")
+        return "damaged", f"{src}: cannot be read ({e})"
+    rec = ((cand.manifest or {}).get("tars") or {}).get(name)
+    if rec is not None:
+        if size != rec.get("size") or sha != rec.get("sha256"):
+            _discard(dst + ".part")
+            return "damaged", f"{src}: {size} bytes with sha256 {sha[:12]}..., the manifest records {rec.get('size')} bytes, {str(rec.get('sha256'))[:12]}..."
+        if key is not None and not hmac.compare_digest(str(rec.get("hmac")), tag):
+            _discard(dst + ".part")
+            return "forged", f"{src}: its authentication tag does not match ({KEY_ENV}): refused before anything in it was opened"
+    try:
+        bad = unsafe_members(dst + ".part")
+    except (tarfile.TarError, EOFError, OSError) as e:
+        _discard(dst + ".part")
+        return "damaged", f"{src}: not a complete tar ({type(e).__name__}: {e})"
+    if bad:
+        _discard(dst + ".part")
+        return "forged", f"{src}: refused: members {', '.join(bad[:5])}"
+    os.replace(dst + ".part", dst)
+    return "ok", dst
+
+
+def _discard(path: str) -> None:
+    if os.path.exists(path):
+        os.remove(path)
+
+
+def _add_rank0_members(rank0_tar: str, mine: str) -> None:
+    """Append rank 0's non-shard members (composer_states.pt, mp_rank_00_model_states.pt) that
+    ZeRO-1/2 keep only there to this rank's copy, for a node without global rank 0."""
+    with tarfile.open(rank0_tar) as src, tarfile.open(mine, "a") as dst:
+        have = {x.name.lstrip("/") for x in dst.getmembers()}
+        for member in src.getmembers():
+            name = member.name.lstrip("/")
+            if member.isfile() and name not in have and _RANK_SHARD not in os.path.basename(name):
+                dst.addfile(member, src.extractfile(member))
+
+
+def _try(cand: Candidate, local_dir: str, key: Optional[bytes]) -> Optional[str]:
+    """Every rank fetches and checks its part of `cand` -> this rank's load path template, or None
+    when some rank found it damaged (reported). Forged: CheckpointRefused on every rank."""
+    rank, local_rank = dist.get_global_rank(), dist.get_local_rank()
+    os.makedirs(local_dir, exist_ok=True)
+    results = [_fetch(cand, rank, local_dir, key)]
+    needs_rank0 = local_rank == 0 and rank != 0  # the first rank of a node without global rank 0
+    if needs_rank0:
+        results.append(_fetch(cand, 0, local_dir, key))
+    every = [r for per_rank in dist.all_gather_object(results) for r in per_rank]
+    forged = sorted({why for status, why in every if status == "forged"})
+    if forged:
+        raise CheckpointRefused("checkpoint refused:\n  " + "\n  ".join(forged))
+    damaged = sorted({why for status, why in every if status == "damaged"})
+    if damaged:
+        log.error("checkpoint %s is damaged and is skipped:\n  %s", cand.step.stem, "\n  ".join(damaged))
+        return None
+    if needs_rank0:
+        _add_rank0_members(results[1][1], results[0][1])
+        os.remove(results[1][1])
+    return os.path.join(local_dir, cand.step.tar("{rank}"))
+
+
+def resolve_resume(save_folder: Optional[str], run_name: str, local_dir: str, *, resume: bool = True, start_over: bool = False) -> Optional[str]:
+    """On every rank, before the Trainer is built: the `load_path` (with {rank}) of a checked copy
+    of the newest usable checkpoint, or None for a fresh start. `resume=False` never resumes.
+    Raises CheckpointError when the folder holds run artefacts this run would neither resume from
+    nor be allowed to replace; `start_over` deletes them instead (and never resumes)."""
     if not save_folder:
         return None
     folder = format_name_with_dist(save_folder, run_name)
-    rank0_name = _rank0_checkpoint_name(folder, run_name)
-    if rank0_name is None:
+    key = checkpoint_key()
+    world = dist.get_world_size()
+    found = [_scan(folder, world, key) if dist.get_global_rank() == 0 else None]
+    dist.broadcast_object_list(found, src=0)
+    good, bad, artefacts = found[0]
+    if start_over:
+        if artefacts and dist.get_global_rank() == 0:
+            log.warning("trainer.start_over: deleting %d files of the earlier run in %s", len(artefacts), folder)
+            for path in artefacts:
+                storage.remove(path)
+        dist.barrier()
         return None
-    m = _STEP.match(rank0_name)
-    if m is None:
-        raise RuntimeError(f"{folder}: the latest checkpoint {rank0_name!r} does not follow {SAVE_FILENAME!r}")
-    template = SAVE_FILENAME.format(epoch=int(m[1]), batch=int(m[2]), rank="{rank}")
-    rank, local_rank = dist.get_global_rank(), dist.get_local_rank()
-    mine = template.format(rank=rank)
-    needs_rank0_members = local_rank == 0 and rank != 0  # the first rank of a node without global rank 0
-    if not storage.is_s3(folder) and not needs_rank0_members:
-        if not os.path.exists(os.path.join(folder, mine)):
-            raise FileNotFoundError(f"rank {rank}: {mine} is missing in {folder}; cannot resume from {rank0_name}")
-        log.info("resuming from %s", os.path.join(folder, template))
-        return os.path.join(folder, template)
-
-    os.makedirs(local_dir, exist_ok=True)
-    part = os.path.join(local_dir, mine + ".part")
-    storage.download_file(storage.join(folder, mine), part)
-    if needs_rank0_members:
-        rank0_copy = os.path.join(local_dir, rank0_name + ".rank0")
-        storage.download_file(storage.join(folder, rank0_name), rank0_copy)
-        with tarfile.open(rank0_copy) as src, tarfile.open(part, "a") as dst:
-            have = {x.name.lstrip("/") for x in dst.getmembers()}
-            for member in src.getmembers():
-                name = member.name.lstrip("/")
-                if member.isfile() and name not in have and not _RANK_SHARD.search(os.path.basename(name)):
-                    dst.addfile(member, src.extractfile(member))  # composer_states.pt, mp_rank_00_model_states.pt
-        os.remove(rank0_copy)
-    os.replace(part, os.path.join(local_dir, mine))
-    log.info("resuming from %s (fetched to %s)", storage.join(folder, template), local_dir)
-    return os.path.join(local_dir, template)
-
-
-class RestoreRNG(Callback):
-    """Composer 0.27 restores the checkpointed per-rank RNG only at an epoch boundary or while
-    spinning a non-resumable loader; a mid-epoch resume of a StreamingDataset continues from a
-    fresh seed instead. This puts it back just before the first resumed batch is fetched."""
-
-    def __init__(self):
-        self._rng = None
-
-    def take_over(self, trainer) -> None:
-        """Call right after building the Trainer (reads Composer 0.27's `_rng_state`)."""
-        state = trainer.state
-        if getattr(trainer, "_rng_state", None) is not None and state.dataset_resumption.get("train") and int(state.timestamp.batch_in_epoch) > 0:
-            self._rng, trainer._rng_state = trainer._rng_state, None
-
-    def before_dataloader(self, state: State, logger: Logger) -> None:
-        if self._rng is not None:
-            reproducibility.load_rng_state(self._rng)
-            self._rng = None
+    for cand in good if resume else []:
+        load_path = _try(cand, local_dir, key)
+        if load_path is not None:
+            newer = [c for c in bad if c.step > cand.step]
+            for c in newer:
+                log.warning("checkpoint %s cannot be resumed from: %s", c.step.stem, "; ".join(c.problems))
+            if newer or cand is not good[0]:
+                log.warning("resuming from %s, the newest checkpoint of %s that can be used", cand.step.stem, folder)
+            log.info("resuming from %s (checked copy in %s)", storage.join(folder, cand.step.tar("{rank}")), local_dir)
+            return load_path
+    if artefacts:
+        listed = ", ".join(p.rsplit("/", 1)[-1] if "/ema/" not in p and "/eval/" not in p else "/".join(p.rsplit("/", 2)[-2:])
+                           for p in artefacts[:6])
+        reasons = "; ".join(f"{c.step.stem}: {', '.join(c.problems)}" for c in bad[:3])
+        raise CheckpointError(
+            f"{folder} holds {len(artefacts)} file(s) of an earlier run that this run cannot resume from "
+            f"({listed}{', ...' if len(artefacts) > 6 else ''})" + (f"; {reasons}" if reasons else "")
+            + ("" if resume else "; trainer.autoresume is false")
+            + ". Nothing was changed. To discard them and start from step 0: trainer.start_over=true; "
+            "to keep them: another trainer.save_folder or run_name")
+    return None

@@ -1,64 +1,85 @@
-"""Build everything a validated config describes and run composer.Trainer.fit() under DeepSpeed.
+"""A training run: validate -> build -> fit -> report (docs/architecture.md, "Training").
 
 Order matters: the process group exists before the streaming loader (streaming would otherwise
 create and destroy its own), the DeepSpeed section is checked before anything heavy is built,
-and the resume point is resolved on every rank before the Trainer (see training/checkpoint.py).
+and the resume point is resolved and checked on every rank before the model is initialised or
+the Trainer built (training/checkpoint.py). A run whose last checkpoint already reached
+`trainer.max_duration` trains nothing: it collects and dispatches what evaluation is missing,
+reports, and exits 0, so the same command is safe to repeat at any point of a run's life.
 """
 from __future__ import annotations
 
 import copy
 import logging
 import os
+import shutil
 import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
 from dip_scale import storage
 from dip_scale.config import ConfigError, ExperimentConfig, spread_classes, to_dict, to_yaml
+from dip_scale.naming import LATEST_FILENAME, SAVE_FILENAME
 
 log = logging.getLogger("dip_scale")
 
 
-def _device_name(requested: str) -> str:
-    if requested == "auto":
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    if requested == "gpu" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device: 'gpu' requested but no CUDA device is visible; valid choices here: auto, cpu")
-    return requested
+@dataclass
+class Runtime:
+    """What validation establishes about this process's place in the job."""
+
+    device: Any
+    world: int
+    rank: int
+    device_batch: int
+    run_dir: str
 
 
-def _sample_classes(cfg: ExperimentConfig) -> list[int]:
-    if cfg.logging.sample_classes is not None:
-        return list(cfg.logging.sample_classes)
-    return spread_classes(cfg.model.num_classes)
+@dataclass
+class Run:
+    """What `build` makes: the Trainer and the callbacks the report reads."""
+
+    trainer: Any
+    ema: Any
+    evals: Any = None
+    grids: list = field(default_factory=list)
+    complete: bool = False
 
 
 def train(cfg: ExperimentConfig) -> None:
-    from composer import Trainer
-    from composer.callbacks import CheckpointSaver, SpeedMonitor
+    rt = validate(cfg)
+    run = build(cfg, rt)
+    if run.complete:
+        finish_complete(cfg, rt, run)
+    else:
+        run.trainer.fit()
+    run.trainer.close()
+    if rt.rank == 0 and run.evals is not None and cfg.eval.wait_at_end:
+        run.evals.wait()
+    if rt.rank == 0:
+        report(cfg, rt, run)
+
+
+# --------------------------------------------------------------------------------------------
+def validate(cfg: ExperimentConfig) -> Runtime:
+    """The checks that need this machine (devices, DeepSpeed's own schema, the world size), then
+    the process group."""
     from composer.devices import DeviceCPU, DeviceGPU
-    from composer.optim import ConstantWithWarmupScheduler
-    from composer.utils import dist, reproducibility
+    from composer.utils import dist
 
-    from dip_scale.data.streaming import build_train_dataloader, dataset_info
-    from dip_scale.diffusion.flow import FlowMatchingObjective
-    from dip_scale.models import build_model
-    from dip_scale.models.summary import summarize
-    from dip_scale.training.callbacks import MetricsJSONL, NonFiniteGuard, RunConfig, SampleGrid
-    from dip_scale.training.checkpoint import LATEST_FILENAME, SAVE_FILENAME, RestoreRNG, resolve_resume
-    from dip_scale.training.composer_model import DiPComposerModel
-    from dip_scale.training.deepspeed import precision_for, skip_cpu_shm_op, validate_deepspeed
-    from dip_scale.training.ema import EMA
+    from dip_scale.training.deepspeed import validate_deepspeed
 
-    device_name = _device_name(cfg.trainer.device)
-    if not cfg.deepspeed:
-        raise ConfigError("deepspeed: the section is empty; dip_scale trains with DeepSpeed (e.g. zero_optimization: {stage: 2})")
+    device_name = cfg.trainer.device
+    if device_name == "auto":
+        device_name = "gpu" if torch.cuda.is_available() else "cpu"
+    if device_name == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device: 'gpu' requested but no CUDA device is visible; valid choices here: auto, cpu")
     problems = validate_deepspeed(cfg.deepspeed, on_gpu=device_name == "gpu")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
-    if cfg.trainer.autoresume and not cfg.trainer.save_folder:
-        raise ConfigError("trainer.autoresume: true needs trainer.save_folder")
-
     device = DeviceGPU() if device_name == "gpu" else DeviceCPU()
     dist.initialize_dist(device)  # before the loader: streaming uses this process group
     world, rank = dist.get_world_size(), dist.get_global_rank()
@@ -68,13 +89,39 @@ def train(cfg: ExperimentConfig) -> None:
     micro = cfg.trainer.device_train_microbatch_size
     if micro is not None and device_batch % micro:
         raise ConfigError(f"trainer.device_train_microbatch_size: {micro} does not divide the per-device batch {device_batch}")
+    return Runtime(device=device, world=world, rank=rank, device_batch=device_batch, run_dir=cfg.resolved_run_dir)
 
-    run_dir = cfg.resolved_run_dir
-    os.makedirs(run_dir, exist_ok=True)
-    if rank == 0:
-        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+
+# --------------------------------------------------------------------------------------------
+def build(cfg: ExperimentConfig, rt: Runtime) -> Run:
+    """Resume point, model (+ REPA, + init_from), data, optimiser, callbacks, Trainer."""
+    from composer import Trainer
+    from composer.callbacks import SpeedMonitor
+    from composer.optim import ConstantWithWarmupScheduler
+    from composer.utils import dist, reproducibility
+
+    from dip_scale.data.streaming import build_train_dataloader, dataset_info
+    from dip_scale.diffusion.flow import FlowMatchingObjective
+    from dip_scale.models import build_model
+    from dip_scale.models.summary import summarize
+    from dip_scale.training.callbacks import MetricsJSONL, NonFiniteGuard, RunConfig, SampleGrid
+    from dip_scale.training.checkpoint import record_step, resolve_resume
+    from dip_scale.training.composer_internals import RecordingCheckpointSaver, RestoreRNG
+    from dip_scale.training.composer_model import DiPComposerModel
+    from dip_scale.training.deepspeed import precision_for, skip_cpu_shm_op
+    from dip_scale.training.ema import EMA
+
+    t = cfg.trainer
+    os.makedirs(rt.run_dir, exist_ok=True)
+    if rt.rank == 0:
+        with open(os.path.join(rt.run_dir, "config.yaml"), "w") as f:
             f.write(to_yaml(cfg))
-    log.info("rank %d/%d: run %s, run_dir %s, per-device batch %d", rank, world, cfg.run_name, run_dir, device_batch)
+    log.info("rank %d/%d: run %s, run_dir %s, per-device batch %d", rt.rank, rt.world, cfg.run_name, rt.run_dir, rt.device_batch)
+    autoresume = t.autoresume if t.autoresume is not None else bool(t.save_folder)
+    resume_dir = os.path.join(rt.run_dir, "resume")
+    load_path = None
+    if t.save_folder:  # with autoresume off, the folder is still checked: nothing of another run is overwritten
+        load_path = resolve_resume(t.save_folder, cfg.run_name, resume_dir, resume=autoresume, start_over=t.start_over)
 
     reproducibility.seed_all(cfg.seed)
     model = build_model(cfg.model)
@@ -83,13 +130,9 @@ def train(cfg: ExperimentConfig) -> None:
         from dip_scale.diffusion.repa import build_repa
 
         repa = build_repa(cfg.objective.repa, model.trunk.hidden_size)
-        repa.encoder.to(device._device)  # not a submodule: frozen, unsharded, never checkpointed
+        repa.encoder.to(rt.device._device)  # not a submodule: frozen, unsharded, never checkpointed
     objective = FlowMatchingObjective(cfg.objective, cfg.model.num_classes, repa)
-    macs = summarize(cfg.model)["gmacs_per_image"] * 1e9
-    composer_model = DiPComposerModel(model, objective, macs)
-    t = cfg.trainer
-    autoresume = t.autoresume if t.autoresume is not None else bool(t.save_folder)
-    load_path = resolve_resume(t.save_folder, cfg.run_name, os.path.join(run_dir, "resume")) if autoresume else None
+    composer_model = DiPComposerModel(model, objective, summarize(cfg.model)["gmacs_per_image"] * 1e9)
     init_weights = None
     if t.init_from and load_path is None:
         from dip_scale.training.init_from import load_init_weights
@@ -98,31 +141,28 @@ def train(cfg: ExperimentConfig) -> None:
     elif t.init_from:
         log.info("resuming from %s: trainer.init_from (%s) is not used", load_path, t.init_from)
 
-    loader = build_train_dataloader(cfg.data, device_batch_size=device_batch, seed=cfg.seed, cache_dir=os.path.join(run_dir, "mds-cache"))
+    loader = build_train_dataloader(cfg.data, device_batch_size=rt.device_batch, seed=cfg.seed, cache_dir=os.path.join(rt.run_dir, "mds-cache"))
     info = dataset_info(cfg.data)
     if info is not None and len(info.classes) != cfg.model.num_classes:
         raise ConfigError(f"model.num_classes: {cfg.model.num_classes}, but {cfg.data.remote} holds {len(info.classes)} classes")
-
     opt = cfg.optimizer
     optimizer = torch.optim.AdamW(
         [p for p in composer_model.parameters() if p.requires_grad],
         lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay,
     )
-    keep = t.save_num_checkpoints_to_keep
-    if t.save_folder and storage.is_s3(t.save_folder) and keep < 0:
-        keep = 1  # for an S3 folder this counts the local staging copies only; S3 keeps every checkpoint
 
     ema = EMA(cfg.ema.decay, cfg.model, t.save_folder, t.save_interval, cfg.run_name)
     ema.export_at_start = init_weights is not None
     rng = RestoreRNG()
+    grid = SampleGrid(ema, cfg.sampler, cfg.logging.sample_interval, _sample_classes(cfg), cfg.logging.sample_seed,
+                      os.path.join(rt.run_dir, "samples"), class_names=[c["name"] for c in info.classes] if info else None)
     callbacks = [
         NonFiniteGuard(),  # first: stops before anything else records a non-finite step
         ema,
         rng,
         RunConfig(to_dict(cfg)),
-        MetricsJSONL(os.path.join(run_dir, "metrics.jsonl"), cfg.logging.metrics_interval),
-        SampleGrid(ema, cfg.sampler, cfg.logging.sample_interval, _sample_classes(cfg), cfg.logging.sample_seed,
-                   os.path.join(run_dir, "samples"), class_names=[c["name"] for c in info.classes] if info else None),
+        MetricsJSONL(os.path.join(rt.run_dir, "metrics.jsonl"), cfg.logging.metrics_interval),
+        grid,
         SpeedMonitor(window_size=50, gpu_flops_available=cfg.logging.peak_flops),
     ]
     if init_weights is not None:
@@ -133,8 +173,10 @@ def train(cfg: ExperimentConfig) -> None:
     if cfg.eval.backend != "none":
         from dip_scale.eval.dispatch import EvalDispatch
 
-        evals = EvalDispatch(ema, cfg, run_dir)
+        evals = EvalDispatch(ema, cfg, rt.run_dir)
         callbacks.insert(callbacks.index(ema) + 1, evals)  # right after the export it evaluates
+    if t.save_folder:
+        callbacks.append(_checkpoint_saver(cfg, record_step))
     skip_cpu_shm_op()
     trainer = Trainer(
         model=composer_model,
@@ -143,47 +185,112 @@ def train(cfg: ExperimentConfig) -> None:
         schedulers=ConstantWithWarmupScheduler(t_warmup=opt.warmup),
         step_schedulers_every_batch=True,
         max_duration=t.max_duration,
-        device=device,
+        device=rt.device,
         precision=precision_for(cfg.deepspeed),
         deepspeed_config=copy.deepcopy(cfg.deepspeed),
-        device_train_microbatch_size=micro,
+        device_train_microbatch_size=t.device_train_microbatch_size,
         run_name=cfg.run_name,
         seed=cfg.seed,
-        save_folder=t.save_folder,
-        save_filename=SAVE_FILENAME,
-        save_latest_filename=LATEST_FILENAME,
-        save_interval=t.save_interval,
-        save_overwrite=True,  # a crash can leave tars newer than the latest pointer; they are rewritten identically
-        save_num_checkpoints_to_keep=keep,
         autoresume=False,
         load_path=load_path,
         callbacks=callbacks,
         loggers=[],
-        progress_bar=t.progress_bar and rank == 0,
+        progress_bar=t.progress_bar and rt.rank == 0,
         log_to_console=not t.progress_bar,
         console_log_interval=t.console_log_interval,
         python_log_level=None,
     )
     rng.take_over(trainer)
-    for cb in trainer.state.callbacks:
-        # Composer polls S3 every 30 s before publishing the "latest" pointer (and once more at the
-        # end of fit); a HEAD request per second costs nothing and narrows the window in which
-        # complete checkpoints exist without a pointer
-        if isinstance(cb, CheckpointSaver):
-            cb._symlink_upload_wait_before_next_try_in_seconds = 1.0
-    trainer.fit()
-    trainer.close()
-    if rank == 0 and evals is not None and cfg.eval.wait_at_end:
-        evals.wait()
-    if rank == 0:
-        print(f"\ndone: {cfg.run_name} at batch {trainer.state.timestamp.batch.value}", file=sys.stderr)
-        print(f"  metrics:      {os.path.join(run_dir, 'metrics.jsonl')}", file=sys.stderr)
-        if ema.exported:
-            print(f"  EMA weights:  {ema.exported[-1]}", file=sys.stderr)
-        for cb in callbacks:
-            if isinstance(cb, SampleGrid) and cb.written:
-                print(f"  sample grid:  {cb.written[-1]}", file=sys.stderr)
-        if t.save_folder:
-            print(f"  checkpoints:  {t.save_folder.replace('{run_name}', cfg.run_name)}", file=sys.stderr)
-        if evals is not None and evals.results:
-            print(f"  FID curve:    {os.path.join(run_dir, 'fid.png')} (last: {evals.results[-1]['fid']:.3f})", file=sys.stderr)
+    if load_path is not None:  # loaded: the checked copies are not needed any more
+        dist.barrier()
+        if dist.get_local_rank() == 0:
+            shutil.rmtree(resume_dir, ignore_errors=True)
+    return Run(trainer=trainer, ema=ema, evals=evals, grids=[grid], complete=training_complete(trainer.state))
+
+
+def _checkpoint_saver(cfg: ExperimentConfig, on_saved):
+    """Composer's CheckpointSaver as the Trainer would build it from save_folder, plus the
+    manifest hook. `overwrite`: after a fallback past a damaged checkpoint, its step is written
+    again by the same (deterministic) run."""
+    from composer.utils import format_name_with_dist, parse_uri
+
+    from dip_scale.training.composer_internals import RecordingCheckpointSaver
+
+    t = cfg.trainer
+    folder = format_name_with_dist(t.save_folder, cfg.run_name)
+    backend, _, path = parse_uri(t.save_folder)
+    remote = latest_remote = None
+    if backend:
+        remote = str(Path(path) / SAVE_FILENAME) if path else SAVE_FILENAME
+        latest_remote = str(Path(path) / LATEST_FILENAME) if path else LATEST_FILENAME
+    keep = t.save_num_checkpoints_to_keep
+    if backend and keep < 0:
+        keep = 1  # for an S3 folder this counts the local staging copies only; S3 keeps every checkpoint
+    return RecordingCheckpointSaver(
+        folder=t.save_folder, filename=SAVE_FILENAME, remote_file_name=remote, latest_filename=LATEST_FILENAME,
+        latest_remote_file_name=latest_remote, save_interval=t.save_interval, overwrite=True,
+        num_checkpoints_to_keep=keep, on_saved=lambda state, tar: on_saved(state, tar, folder),
+    )
+
+
+def training_complete(state) -> bool:
+    """Whether the loaded state has reached max_duration (nothing left to train). Composer's
+    last checkpoint of an epoch-long run is taken at the epoch's last batch, before the epoch
+    counter moves on: that counts as the end of the epoch."""
+    from composer.core import TimeUnit
+
+    max_d = state.max_duration
+    done = state.timestamp.get(max_d.unit)
+    if max_d <= done:
+        return True
+    return (max_d.unit == TimeUnit.EPOCH and state.dataloader_len is not None and int(state.timestamp.batch_in_epoch) > 0
+            and int(state.timestamp.batch_in_epoch) >= int(state.dataloader_len) and done.value + 1 >= max_d.value)
+
+
+def finish_complete(cfg: ExperimentConfig, rt: Runtime, run: Run) -> None:
+    """A rerun of a finished run: what the end of a run does, without training."""
+    state = run.trainer.state
+    if rt.rank == 0:
+        print(f"run {cfg.run_name} is complete at {state.timestamp.get(state.max_duration.unit)} "
+              f"(trainer.max_duration {cfg.trainer.max_duration}); nothing to train", file=sys.stderr)
+    if run.evals is not None:  # collect earlier results, dispatch exports that never got an eval
+        run.evals.fit_start(state, run.trainer.logger)
+        run.evals.fit_end(state, run.trainer.logger)
+
+
+def _sample_classes(cfg: ExperimentConfig) -> list[int]:
+    if cfg.logging.sample_classes is not None:
+        return list(cfg.logging.sample_classes)
+    return spread_classes(cfg.model.num_classes)
+
+
+# --------------------------------------------------------------------------------------------
+def report(cfg: ExperimentConfig, rt: Runtime, run: Run) -> None:
+    """Where everything the run made is (rank 0)."""
+    t = cfg.trainer
+    folder = t.save_folder.replace("{run_name}", cfg.run_name) if t.save_folder else None
+    print(f"\ndone: {cfg.run_name} at batch {run.trainer.state.timestamp.batch.value}", file=sys.stderr)
+    print(f"  metrics:      {os.path.join(rt.run_dir, 'metrics.jsonl')}", file=sys.stderr)
+    exported = run.ema.exported[-1] if run.ema.exported else _latest_export(folder)
+    if exported:
+        print(f"  EMA weights:  {exported}", file=sys.stderr)
+    written = [g.written[-1] for g in run.grids if g.written] or sorted(Path(rt.run_dir, "samples").glob("ba*.png"), key=lambda p: int(p.stem[2:]))[-1:]
+    if written:
+        print(f"  sample grid:  {written[-1]}", file=sys.stderr)
+    if folder:
+        print(f"  checkpoints:  {folder}", file=sys.stderr)
+    if run.evals is not None and run.evals.results:
+        print(f"  FID curve:    {os.path.join(rt.run_dir, 'fid.png')} (last: {run.evals.results[-1]['fid']:.3f})", file=sys.stderr)
+
+
+def _latest_export(folder: Optional[str]) -> Optional[str]:
+    from dip_scale.naming import EMA_DIR, parse_export
+
+    if not folder:
+        return None
+    steps = {}
+    for path in storage.list_keys(storage.join(folder, EMA_DIR)):
+        step = parse_export(path.rsplit("/", 1)[-1])
+        if step is not None:
+            steps[step] = path
+    return steps[max(steps)] if steps else None

@@ -1,0 +1,74 @@
+"""Every name a run writes into its save folder, defined once (docs/architecture.md, "Naming").
+
+    <save_folder>/ep{epoch}-ba{batch}-rank{rank}.tar     one DeepSpeed/Composer checkpoint tar per rank
+    <save_folder>/ep{epoch}-ba{batch}.manifest.json      rank 0's record of a step's tars (sizes, sha256, HMAC)
+    <save_folder>/latest-rank{rank}.tar[.symlink]        Composer's pointer to the latest tar (a hint only)
+    <save_folder>/ema/ep{epoch}-ba{batch}.safetensors    the EMA export of that step (a model file)
+    <save_folder>/eval/ep{epoch}-ba{batch}[...].json     evaluation results of that export
+
+Code passes `Step` records around; names are parsed only where a folder listing is read.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+SAVE_FILENAME = "ep{epoch}-ba{batch}-rank{rank}.tar"  # plain .tar: DeepSpeed's *.pt.tar breaks Composer's autoresume
+LATEST_FILENAME = "latest-rank{rank}.tar"
+STEM = "ep{epoch}-ba{batch}"  # Composer format string of a step (EMA exports, manifests, eval results)
+EMA_DIR = "ema"
+EVAL_DIR = "eval"
+
+_TAR = re.compile(r"^ep(\d+)-ba(\d+)-rank(\d+)\.tar$")
+_MANIFEST = re.compile(r"^ep(\d+)-ba(\d+)\.manifest\.json$")
+_EXPORT = re.compile(r"^ep(\d+)-ba(\d+)\.safetensors$")
+
+
+@dataclass(frozen=True, order=True)
+class Step:
+    """A point of a run where a checkpoint was taken; ordered by batch."""
+
+    batch: int
+    epoch: int
+
+    @property
+    def stem(self) -> str:
+        return STEM.format(epoch=self.epoch, batch=self.batch)
+
+    def tar(self, rank: int | str) -> str:
+        return SAVE_FILENAME.format(epoch=self.epoch, batch=self.batch, rank=rank)
+
+    @property
+    def manifest(self) -> str:
+        return f"{self.stem}.manifest.json"
+
+    @property
+    def export(self) -> str:
+        return f"{EMA_DIR}/{self.stem}.safetensors"
+
+
+def parse_tar(name: str) -> Optional[tuple[Step, int]]:
+    """(step, rank) of a checkpoint tar's file name, None for any other name."""
+    m = _TAR.match(name)
+    return (Step(batch=int(m[2]), epoch=int(m[1])), int(m[3])) if m else None
+
+
+def parse_manifest(name: str) -> Optional[Step]:
+    m = _MANIFEST.match(name)
+    return Step(batch=int(m[2]), epoch=int(m[1])) if m else None
+
+
+def parse_export(name: str) -> Optional[Step]:
+    """The step of an EMA export's file name (`ep3-ba500.safetensors`), None for any other."""
+    m = _EXPORT.match(name)
+    return Step(batch=int(m[2]), epoch=int(m[1])) if m else None
+
+
+def is_run_artefact(relpath: str) -> bool:
+    """Whether a path relative to the save folder is something a run writes there."""
+    base = relpath.rsplit("/", 1)[-1]
+    if parse_tar(base) or parse_manifest(base) or base.startswith("latest-rank"):
+        return True
+    top = relpath.split("/", 1)[0]
+    return top in (EMA_DIR, EVAL_DIR) and "/" in relpath

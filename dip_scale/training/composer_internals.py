@@ -1,0 +1,51 @@
+"""Every place dip_scale reaches into Composer 0.27's internals, in one module, each with what
+breaks without it. Check them first when moving to another Composer version."""
+from __future__ import annotations
+
+from composer.callbacks import CheckpointSaver
+from composer.core import Callback, State
+from composer.loggers import Logger
+from composer.utils import reproducibility
+
+
+class RecordingCheckpointSaver(CheckpointSaver):
+    """Composer's CheckpointSaver, calling `on_saved(state, local_tar)` on every rank right after
+    each save (training/checkpoint.py writes the step's manifest there).
+
+    Composer 0.27: `_save_checkpoint` is the one method every save event goes through, and
+    `saved_checkpoints[-1]` is the tar just written. Without the hook there is no point at which
+    the tar exists and the step has not yet moved on. Also: the saver polls S3 every 30 s before
+    publishing its `latest` pointer (`_symlink_upload_wait_before_next_try_in_seconds`); one HEAD
+    request a second costs nothing and adds ~60 s less to every fit() that saves to S3."""
+
+    def __init__(self, *args, on_saved, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.on_saved = on_saved
+        self._symlink_upload_wait_before_next_try_in_seconds = 1.0
+
+    def _save_checkpoint(self, state: State, logger: Logger):
+        super()._save_checkpoint(state, logger)
+        if self.saved_checkpoints:
+            self.on_saved(state, self.saved_checkpoints[-1])
+
+
+class RestoreRNG(Callback):
+    """Composer 0.27 restores the checkpointed per-rank RNG only at an epoch boundary or while
+    spinning a non-resumable loader; a mid-epoch resume of a StreamingDataset continues from a
+    fresh seed instead, so diffusion noise and times would diverge from the uninterrupted run.
+    This takes Composer's private `Trainer._rng_state` and puts it back just before the first
+    resumed batch is fetched."""
+
+    def __init__(self):
+        self._rng = None
+
+    def take_over(self, trainer) -> None:
+        """Call right after building the Trainer."""
+        state = trainer.state
+        if getattr(trainer, "_rng_state", None) is not None and state.dataset_resumption.get("train") and int(state.timestamp.batch_in_epoch) > 0:
+            self._rng, trainer._rng_state = trainer._rng_state, None
+
+    def before_dataloader(self, state: State, logger: Logger) -> None:
+        if self._rng is not None:
+            reproducibility.load_rng_state(self._rng)
+            self._rng = None
