@@ -20,6 +20,21 @@ from dip_scale.config import ConfigError, load_config_or_exit, s3_locations  # n
 
 EXIT_CONFIG, EXIT_NONFINITE, EXIT_STORAGE, EXIT_REFUSED = 2, 3, 4, 5
 USAGE = "usage: dip_scale/train.py CONFIG.yaml [key.path=value ...]"
+TERM_GRACE_S = 5.0
+
+
+def _graceful_sigterm() -> None:
+    """The launcher SIGTERMs the other ranks as soon as one exits non-zero, and reports the exit
+    code of the lowest rank that failed. The errors above are collective (every rank meets them
+    within milliseconds), so a rank that is told to stop gets a short grace to exit with its own
+    code instead of -15; otherwise it leaves with 128 + SIGTERM."""
+    import signal
+    import threading
+
+    def on_term(signum, frame):
+        threading.Timer(TERM_GRACE_S, lambda: os._exit(128 + signum)).start()
+
+    signal.signal(signal.SIGTERM, on_term)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code)
     from dip_scale import storage
 
+    _graceful_sigterm()
     rank = os.environ.get("RANK", "0")
     try:
         for key, url in s3_locations(cfg):
@@ -67,6 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run_as_script() -> None:
+    """A failing rank leaves at once with its code: the launcher SIGTERMs the others the moment
+    one exits, and a rank still tearing down the interpreter would report -15 instead."""
+    rc = main()
+    if rc:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(0)
+
+
 # The guard matters: Composer's remote uploader spawns processes that re-import this file.
 if __name__ == "__main__":
-    sys.exit(main())
+    run_as_script()

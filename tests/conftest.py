@@ -140,3 +140,14 @@ def tiny_mds(tmp_path_factory) -> str:
 def standin_inception(tmp_path_factory) -> str:
     """A small TorchScript net with clean-fid's Inception interface, under the file name clean-fid loads."""
     return load_tool("make_standin_inception").write(str(tmp_path_factory.mktemp("inception") / "inception-2015-12-05.pt"))
+
+
+@pytest.fixture(scope="session")
+def clean_run(tiny_mds, tmp_path_factory) -> dict:
+    """120 uninterrupted steps (2 ranks, ZeRO-2, checkpoints every 10): the reference every resumed
+    run must reproduce bit for bit, wherever its checkpoints live and however many nodes it spans."""
+    from training_helpers import LAST, at_step, run, tiny_overrides
+
+    root = tmp_path_factory.mktemp("clean")
+    run(tiny_overrides(tiny_mds, root / "run", str(root / "ckpt")), cwd=root)
+    return {"run": root / "run", "ckpt": root / "ckpt", "ema": at_step(root / "ckpt", "ema/ep*-ba{step}.safetensors", LAST)}

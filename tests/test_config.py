@@ -112,6 +112,14 @@ def test_base_inheritance_merges_deeply():
         (["logging.sample_classes=[5000]"], ["logging.sample_classes", "0..999"]),
         (["run_name=my run"], ["run_name"]),
         (["data.batch_size"], ["not of the form key.path=value"]),
+        # zero and nonsense intervals and durations (issue: they trained silently or failed late)
+        (["trainer.save_interval=0ba"], ["trainer.save_interval: '0ba' must be greater than zero"]),
+        (["logging.metrics_interval=0ba"], ["logging.metrics_interval: '0ba' must be greater than zero"]),
+        (["trainer.max_duration=0ba"], ["trainer.max_duration: '0ba' must be greater than zero"]),
+        (["trainer.max_duration=0.5dur"], ["trainer.max_duration", "relative to itself"]),
+        (["deepspeed.zero_optimization.stage=4"], ["deepspeed.zero_optimization.stage: 4 is not a valid choice; valid choices: 0, 1, 2, 3"]),
+        (["deepspeed={}"], ["deepspeed: the section is empty"]),
+        (["trainer.autoresume=true"], ["trainer.autoresume: true needs trainer.save_folder"]),
     ],
 )
 def test_bad_values_name_the_key_and_the_choices(overrides, expected):
@@ -157,6 +165,19 @@ def test_train_entry_requires_the_runs_local_files_but_summaries_do_not(tmp_path
     summary = subprocess.run([PYTHON, str(ROOT / "tools" / "model_summary.py"), str(ROOT / "yamls" / "dip_xl16_600ep.yaml")],
                              capture_output=True, text=True, env=env_with_repo_on_path(), timeout=120)
     assert summary.returncode == 0, summary.stderr
+
+
+@pytest.mark.parametrize("override", ["deepspeed.zero_optimization.stage=4", "trainer.save_interval=0ba"])
+def test_train_entry_refuses_nonsense_settings_before_any_heavy_import(override):
+    probe = subprocess.run(
+        [PYTHON, "-c", "import sys, time; t = time.time(); from dip_scale.train import main; rc = main(sys.argv[1:]); "
+         "print('torch' in sys.modules, 'deepspeed' in sys.modules, rc, round(time.time() - t, 1))",
+         str(ROOT / "yamls" / "dip_tiny_cpu.yaml"), override],
+        capture_output=True, text=True, env=env_with_repo_on_path(), timeout=120,
+    )
+    torch_loaded, ds_loaded, rc, seconds = probe.stdout.split()
+    assert (torch_loaded, ds_loaded, rc) == ("False", "False", "2"), probe.stderr
+    assert override.split("=")[0] in probe.stderr and float(seconds) < 5
 
 
 def test_train_entry_rejects_a_bad_yaml_without_traceback_or_heavy_imports(tmp_path):

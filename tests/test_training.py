@@ -11,23 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file
 
 from conftest import PYTHON, ROOT, env_with_repo_on_path, free_port, load_tool
-from training_helpers import kill_when, launch, losses, metrics, run, tiny_overrides, wait, logs
+from training_helpers import LAST, assert_matches_clean, at_step, kill_when, launch, logs, losses, metrics, run, tiny_overrides, wait
 
 pytestmark = pytest.mark.slow
-LAST = 120  # steps of the resume tests (tiny_overrides' max_duration), checkpoints every 10
-
-
-def at_step(folder: Path, pattern: str, step: int) -> Path:
-    """The one file in folder matching pattern with '{step}' filled, e.g. 'ema/ep*-ba{step}.safetensors'."""
-    found = list(Path(folder).glob(pattern.format(step=step)))
-    assert len(found) == 1, (folder, pattern, step, found)
-    return found[0]
-
-
 def _tar_member(tar_path: Path, suffix: str):
     with tarfile.open(tar_path) as t:
         member = next(m for m in t.getmembers() if m.name.endswith(suffix))
@@ -54,24 +43,6 @@ def test_each_zero_stage_trains_and_zero3_partitions(stage, tiny_mds, tmp_path):
         assert all(abs(s - total / 2) <= 0.01 * total for s in sizes), (sizes, total)
 
 
-@pytest.fixture(scope="module")
-def clean_run(tiny_mds, tmp_path_factory) -> dict:
-    """120 uninterrupted steps (2 ranks, ZeRO-2, checkpoints every 10): the reference every resumed
-    run must reproduce bit for bit, wherever its checkpoints live and however many nodes it spans."""
-    root = tmp_path_factory.mktemp("clean")
-    run(tiny_overrides(tiny_mds, root / "run", str(root / "ckpt")), cwd=root)
-    return {"run": root / "run", "ema": at_step(root / "ckpt", "ema/ep*-ba{step}.safetensors", LAST)}
-
-
-def _assert_matches_clean(clean_run: dict, resumed_run: Path, resumed_ema: bytes | Path, resumed_from: int):
-    a, b = losses(clean_run["run"]), losses(resumed_run)
-    assert sorted(b) == list(range(1, LAST + 1)), "metrics.jsonl should read like one uninterrupted run"
-    assert all(a[s] == b[s] for s in range(resumed_from + 1, LAST + 1)), "losses after the resume point differ"
-    ea = load_file(str(clean_run["ema"]))
-    eb = load_file(str(resumed_ema)) if isinstance(resumed_ema, Path) else safetensors_load(resumed_ema)
-    assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea), "final EMA differs"
-
-
 def test_kill9_and_restart_resumes_exactly_local(clean_run, tiny_mds, tmp_path):
     args = tiny_overrides(tiny_mds, tmp_path / "run", str(tmp_path / "ckpt"))
     proc = launch(args, cwd=tmp_path)
@@ -79,7 +50,7 @@ def test_kill9_and_restart_resumes_exactly_local(clean_run, tiny_mds, tmp_path):
     resumed_from = int(os.readlink(tmp_path / "ckpt" / "latest-rank0.tar").rsplit("-ba", 1)[1].split("-")[0])
     assert resumed_from < max(losses(tmp_path / "run")) < LAST  # killed mid-run, past its last checkpoint
     run(args, cwd=tmp_path, log="resume")
-    _assert_matches_clean(clean_run, tmp_path / "run", at_step(tmp_path / "ckpt", "ema/ep*-ba{step}.safetensors", LAST), resumed_from)
+    assert_matches_clean(clean_run, tmp_path / "run", at_step(tmp_path / "ckpt", "ema/ep*-ba{step}.safetensors", LAST), resumed_from)
 
 
 def _s3_latest_step(s3, prefix: str) -> int:
@@ -105,7 +76,7 @@ def test_kill9_and_restart_resumes_exactly_through_s3(clean_run, tiny_mds, tmp_p
     resumed_from = _s3_latest_step(s3, "runs/t")
     assert resumed_from < LAST and max(losses(tmp_path / "run")) < LAST, "the kill came after the end of training"
     run(args, cwd=tmp_path, env=env, log="resume")
-    _assert_matches_clean(clean_run, tmp_path / "run", _s3_ema(s3, "runs/t", LAST), resumed_from)
+    assert_matches_clean(clean_run, tmp_path / "run", _s3_ema(s3, "runs/t", LAST), resumed_from)
     assert not (tmp_path / "s3:").exists()  # no stray ./s3:/bucket/... copy (Composer's autoresume makes one)
 
 
@@ -129,7 +100,7 @@ def test_two_nodes_with_separate_disks_resume_exactly(clean_run, tiny_mds, tmp_p
     procs = start("resume")
     for n, p in zip(nodes, procs):
         assert wait(p, 600) == 0, logs(n)
-    _assert_matches_clean(clean_run, nodes[0] / "run", _s3_ema(s3, "multi/t", LAST), resumed_from)
+    assert_matches_clean(clean_run, nodes[0] / "run", _s3_ema(s3, "multi/t", LAST), resumed_from)
 
 
 def test_ema_matches_a_reference_from_the_checkpointed_training_weights(tiny_mds, tmp_path):

@@ -14,6 +14,7 @@ from conftest import BIN, ROOT, env_with_repo_on_path, free_port
 
 TRAIN = ROOT / "dip_scale" / "train.py"
 TINY = ROOT / "yamls" / "dip_tiny_cpu.yaml"
+LAST = 120  # steps of the resume tests (tiny_overrides' max_duration), checkpoints every 10
 
 
 def tiny_overrides(data: str, run_dir: Path, save_folder: str, **extra) -> list[str]:
@@ -179,3 +180,24 @@ class FlakyProxy:
                     pass
         time.sleep(seconds)
         self.down.clear()
+
+
+def at_step(folder: Path, pattern: str, step: int) -> Path:
+    """The one file in folder matching pattern with '{step}' filled, e.g. 'ema/ep*-ba{step}.safetensors'."""
+    found = list(Path(folder).glob(pattern.format(step=step)))
+    assert len(found) == 1, (folder, pattern, step, found)
+    return found[0]
+
+
+def assert_matches_clean(clean_run: dict, resumed_run: Path, resumed_ema, resumed_from: int, last: int = LAST) -> None:
+    """Losses after the resume point and the EMA export at `last` equal the uninterrupted run's
+    (bitwise); metrics.jsonl reads like one run. `resumed_ema`: a path or the file's bytes."""
+    import torch
+    from safetensors.torch import load, load_file
+
+    a, b = losses(clean_run["run"]), losses(resumed_run)
+    assert sorted(b) == list(range(1, last + 1)), "metrics.jsonl should read like one uninterrupted run"
+    assert all(a[s] == b[s] for s in range(resumed_from + 1, last + 1)), "losses after the resume point differ"
+    ea = load_file(str(at_step(clean_run["ckpt"], "ema/ep*-ba{step}.safetensors", last)))
+    eb = load_file(str(resumed_ema)) if isinstance(resumed_ema, Path) else load(resumed_ema)
+    assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea), "final EMA differs"

@@ -37,7 +37,7 @@ from typing import Optional
 from composer.utils import dist, format_name_with_dist
 
 from dip_scale import storage
-from dip_scale.naming import Step, is_run_artefact, parse_manifest, parse_tar
+from dip_scale.naming import EMA_DIR, EVAL_DIR, Step, is_run_artefact, parse_manifest, parse_tar
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +248,19 @@ def _try(cand: Candidate, local_dir: str, key: Optional[bytes]) -> Optional[str]
     return os.path.join(local_dir, cand.step.tar("{rank}"))
 
 
+def _describe(artefacts: list[str]) -> str:
+    """'checkpoints of steps 30, 20, 10 (ep3-ba30-rank0.tar, ...), 3 EMA exports, 1 eval result'."""
+    steps = sorted({p[0].batch for a in artefacts if (p := parse_tar(a.rsplit("/", 1)[-1]))}, reverse=True)
+    tars = sorted((a.rsplit("/", 1)[-1] for a in artefacts if parse_tar(a.rsplit("/", 1)[-1])),
+                  key=lambda n: -parse_tar(n)[0].batch)
+    parts = [f"checkpoints of steps {', '.join(map(str, steps))} ({tars[0]}, ...)"] if steps else []
+    for kind, label in ((f"/{EMA_DIR}/", "EMA export(s)"), (f"/{EVAL_DIR}/", "eval file(s)")):
+        n = sum(kind in a for a in artefacts)
+        if n:
+            parts.append(f"{n} {label}")
+    return ", ".join(parts) or f"{len(artefacts)} file(s)"
+
+
 def resolve_resume(save_folder: Optional[str], run_name: str, local_dir: str, *, resume: bool = True, start_over: bool = False) -> Optional[str]:
     """On every rank, before the Trainer is built: the `load_path` (with {rank}) of a checked copy
     of the newest usable checkpoint, or None for a fresh start. `resume=False` never resumes.
@@ -279,13 +292,10 @@ def resolve_resume(save_folder: Optional[str], run_name: str, local_dir: str, *,
             log.info("resuming from %s (checked copy in %s)", storage.join(folder, cand.step.tar("{rank}")), local_dir)
             return load_path
     if artefacts:
-        listed = ", ".join(p.rsplit("/", 1)[-1] if "/ema/" not in p and "/eval/" not in p else "/".join(p.rsplit("/", 2)[-2:])
-                           for p in artefacts[:6])
         reasons = "; ".join(f"{c.step.stem}: {', '.join(c.problems)}" for c in bad[:3])
         raise CheckpointError(
-            f"{folder} holds {len(artefacts)} file(s) of an earlier run that this run cannot resume from "
-            f"({listed}{', ...' if len(artefacts) > 6 else ''})" + (f"; {reasons}" if reasons else "")
-            + ("" if resume else "; trainer.autoresume is false")
+            f"{folder} holds {_describe(artefacts)} of an earlier run that this run cannot resume from"
+            + (f" ({reasons})" if reasons else "") + ("; trainer.autoresume is false" if not resume else "")
             + ". Nothing was changed. To discard them and start from step 0: trainer.start_over=true; "
             "to keep them: another trainer.save_folder or run_name")
     return None

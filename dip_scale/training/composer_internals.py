@@ -2,10 +2,12 @@
 breaks without it. Check them first when moving to another Composer version."""
 from __future__ import annotations
 
+import os
+
 from composer.callbacks import CheckpointSaver
 from composer.core import Callback, State
 from composer.loggers import Logger
-from composer.utils import reproducibility
+from composer.utils import dist, reproducibility
 
 
 class RecordingCheckpointSaver(CheckpointSaver):
@@ -16,7 +18,11 @@ class RecordingCheckpointSaver(CheckpointSaver):
     `saved_checkpoints[-1]` is the tar just written. Without the hook there is no point at which
     the tar exists and the step has not yet moved on. Also: the saver polls S3 every 30 s before
     publishing its `latest` pointer (`_symlink_upload_wait_before_next_try_in_seconds`); one HEAD
-    request a second costs nothing and adds ~60 s less to every fit() that saves to S3."""
+    request a second costs nothing and adds ~60 s less to every fit() that saves to S3. And:
+    `checkpoint._save_deepspeed_model` extracts a tar already at the target path into the new
+    checkpoint before writing it (to "append"); on ranks other than 0 that is a leftover of an
+    earlier attempt at this step (e.g. the damaged tar a resume fell back past), which would be
+    merged into, or crash, the new save. It is removed first."""
 
     def __init__(self, *args, on_saved, **kwargs):
         super().__init__(*args, **kwargs)
@@ -24,6 +30,9 @@ class RecordingCheckpointSaver(CheckpointSaver):
         self._symlink_upload_wait_before_next_try_in_seconds = 1.0
 
     def _save_checkpoint(self, state: State, logger: Logger):
+        target = self.filename.format(state, True)
+        if dist.get_global_rank() != 0 and os.path.exists(target):  # rank 0 writes its tar afresh itself
+            os.remove(target)
         super()._save_checkpoint(state, logger)
         if self.saved_checkpoints:
             self.on_saved(state, self.saved_checkpoints[-1])
