@@ -40,7 +40,9 @@ def test_train_job_runs_the_paper_config_on_consistent_nodes():
     argv = shlex.split(c["args"][0].split("exec ", 1)[1])
     assert argv[:3] == ["composer", "-n", "8"] and (ROOT / argv[3]).is_file()
     cfg = load_config(str(ROOT / argv[4]), argv[5:])  # the YAML and its overrides validate
-    env = {e["name"]: e["value"] for e in c["env"]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    key = next(e for e in c["env"] if e["name"] == "DIP_SCALE_CHECKPOINT_KEY")["valueFrom"]["secretKeyRef"]
+    assert key == {"name": _one("checkpoint-key.example.yaml", "Secret")["metadata"]["name"], "key": "key", "optional": True}
     nodes = spec["completions"]
     assert spec["completionMode"] == "Indexed" and spec["parallelism"] == nodes
     assert int(env["WORLD_SIZE"]) == 8 * nodes == c["resources"]["limits"]["nvidia.com/gpu"] * nodes
