@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from dip_scale.models.blocks import (
     Block,
@@ -28,8 +29,10 @@ HEAD_MODULES = ("head", "mid_head", "inject", "final_layer")
 
 
 class DiP(nn.Module):
-    def __init__(self, trunk: TrunkSpec, head_cfg, image_size: int, num_classes: int, in_ch: int = 3, init: str = "released"):
+    def __init__(self, trunk: TrunkSpec, head_cfg, image_size: int, num_classes: int, in_ch: int = 3, init: str = "released",
+                 activation_checkpointing: bool = False):
         super().__init__()
+        self.activation_checkpointing = activation_checkpointing
         d, p = trunk.hidden_size, trunk.patch_size
         self.trunk = trunk
         self.image_size = image_size
@@ -61,7 +64,8 @@ class DiP(nn.Module):
     @classmethod
     def from_config(cls, cfg) -> "DiP":
         """Build from a dip_scale.models.spec.ModelConfig."""
-        return cls(cfg.trunk(), cfg.head, cfg.image_size, cfg.num_classes, init=cfg.init)
+        return cls(cfg.trunk(), cfg.head, cfg.image_size, cfg.num_classes, init=cfg.init,
+                   activation_checkpointing=cfg.activation_checkpointing)
 
     def _init_embeddings(self) -> None:
         # As released: the patch embedding xavier with zero bias, the label table and both time-MLP
@@ -111,8 +115,9 @@ class DiP(nn.Module):
         c = F.silu(t_emb + self.y_embed(y))
         rope = rope_2d(self.trunk.hidden_size // self.trunk.num_heads, gh, gw, x.device)
         captured = None
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks, start=1):
-            h = block(h, c, rope)
+            h = checkpoint(block, h, c, rope, use_reentrant=False) if recompute else block(h, c, rope)
             if i == self.inject_after:
                 h = h + self.inject(self._detail(self.mid_head, patches, h, t_emb))
             if i == capture:

@@ -42,6 +42,13 @@ class ModelConfig:
     # else keeps PyTorch's defaults (the released DiP, where the paper's numbers come from);
     # dit: DiT's recipe (xavier linears, adaLN-zero, zero output layer)
     init: Init = "released"
+    # torch.compile of the DiP module for training (in place, so names stay); compile_mode is
+    # torch.compile's mode
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # recompute each trunk block in the backward pass instead of keeping its activations
+    # (non-reentrant; the detailer head is cheap and is not checkpointed)
+    activation_checkpointing: bool = False
     head: HeadConfig = field(default_factory=HeadConfig)
 
     def trunk(self) -> TrunkSpec:
@@ -49,7 +56,8 @@ class ModelConfig:
 
 
 # Fields that decide the architecture (the tensors and their shapes); `init` only decides the
-# starting values, so a model file made under one init serves a config with the other.
+# starting values and compile / activation_checkpointing how training runs, so a model file
+# made under one setting serves a config with another.
 ARCHITECTURE_FIELDS = ("preset", "image_size", "num_classes", "depth", "hidden_size", "num_heads", "head")
 
 

@@ -77,7 +77,12 @@ def validate(cfg: ExperimentConfig) -> Runtime:
         device_name = "gpu" if torch.cuda.is_available() else "cpu"
     if device_name == "gpu" and not torch.cuda.is_available():
         raise ConfigError("trainer.device: 'gpu' requested but no CUDA device is visible; valid choices here: auto, cpu")
-    problems = validate_deepspeed(cfg.deepspeed, on_gpu=device_name == "gpu")
+    from dip_scale.training.composer_internals import allow_bf16_on_cpu, cpu_bf16_for_tests
+
+    if device_name == "cpu" and cpu_bf16_for_tests():
+        log.warning("test-only switch: DeepSpeed bf16 on the CPU")
+        allow_bf16_on_cpu()
+    problems = validate_deepspeed(cfg.deepspeed, on_gpu=device_name == "gpu" or cpu_bf16_for_tests())
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     device = DeviceGPU() if device_name == "gpu" else DeviceCPU()
@@ -103,7 +108,7 @@ def build(cfg: ExperimentConfig, rt: Runtime) -> Run:
     from dip_scale.data.streaming import build_train_dataloader, dataset_info
     from dip_scale.diffusion.flow import FlowMatchingObjective
     from dip_scale.models import build_model
-    from dip_scale.models.summary import summarize
+    from dip_scale.models.summary import encoder_macs_per_image, trained_macs_per_image
     from dip_scale.training.callbacks import MetricsJSONL, NonFiniteGuard, RunConfig, SampleGrid
     from dip_scale.training.checkpoint import record_step, resolve_resume
     from dip_scale.training.composer_internals import RecordingCheckpointSaver, RestoreRNG
@@ -125,6 +130,8 @@ def build(cfg: ExperimentConfig, rt: Runtime) -> Run:
 
     reproducibility.seed_all(cfg.seed)
     model = build_model(cfg.model)
+    if cfg.model.compile:
+        model.compile(mode=cfg.model.compile_mode)  # in place: parameter names (checkpoints, EMA) unchanged
     repa = None
     if cfg.objective.repa.enabled:
         from dip_scale.diffusion.repa import build_repa
@@ -132,7 +139,12 @@ def build(cfg: ExperimentConfig, rt: Runtime) -> Run:
         repa = build_repa(cfg.objective.repa, model.trunk.hidden_size)
         repa.encoder.to(rt.device._device)  # not a submodule: frozen, unsharded, never checkpointed
     objective = FlowMatchingObjective(cfg.objective, cfg.model.num_classes, repa)
-    composer_model = DiPComposerModel(model, objective, summarize(cfg.model)["gmacs_per_image"] * 1e9)
+    compute = {"trained_gmacs_per_image": trained_macs_per_image(cfg.model, repa) / 1e9}
+    if repa is not None:
+        compute["repa_encoder_gmacs_per_image"] = encoder_macs_per_image(repa.encoder) / 1e9
+    log.info("MFU counts %.2f GMACs/image forward (x3 with backward) of what is trained%s", compute["trained_gmacs_per_image"],
+             f"; the frozen REPA encoder's {compute['repa_encoder_gmacs_per_image']:.2f} GMACs/image are not in it" if repa else "")
+    composer_model = DiPComposerModel(model, objective, compute["trained_gmacs_per_image"] * 1e9)
     init_weights = None
     if t.init_from and load_path is None:
         from dip_scale.training.init_from import load_init_weights
@@ -160,7 +172,7 @@ def build(cfg: ExperimentConfig, rt: Runtime) -> Run:
         NonFiniteGuard(),  # first: stops before anything else records a non-finite step
         ema,
         rng,
-        RunConfig(to_dict(cfg)),
+        RunConfig({**to_dict(cfg), "compute": compute}),
         MetricsJSONL(os.path.join(rt.run_dir, "metrics.jsonl"), cfg.logging.metrics_interval),
         grid,
         SpeedMonitor(window_size=50, gpu_flops_available=cfg.logging.peak_flops),
