@@ -2,6 +2,8 @@
 
     <save_folder>/ep{epoch}-ba{batch}-rank{rank}.tar     one DeepSpeed/Composer checkpoint tar per rank
     <save_folder>/ep{epoch}-ba{batch}.manifest.json      rank 0's record of a step's tars (sizes, sha256, HMAC)
+    <save_folder>/ep{epoch}-ba{batch}-universal.tar      its DeepSpeed universal form, made for an elastic resume
+    <save_folder>/ep{epoch}-ba{batch}.universal.json     the record of that tar (size, sha256, HMAC, source)
     <save_folder>/latest-rank{rank}.tar[.symlink]        Composer's pointer to the latest tar (a hint only)
     <save_folder>/ema/ep{epoch}-ba{batch}.safetensors    the EMA export of that step (a model file)
     <save_folder>/eval/ep{epoch}-ba{batch}[...].json     evaluation results of that export
@@ -23,6 +25,7 @@ EVAL_DIR = "eval"
 _TAR = re.compile(r"^ep(\d+)-ba(\d+)-rank(\d+)\.tar$")
 _MANIFEST = re.compile(r"^ep(\d+)-ba(\d+)\.manifest\.json$")
 _EXPORT = re.compile(r"^ep(\d+)-ba(\d+)\.safetensors$")
+_UNIVERSAL = re.compile(r"^ep(\d+)-ba(\d+)(-universal\.tar|\.universal\.json)$")
 
 
 @dataclass(frozen=True, order=True)
@@ -42,6 +45,11 @@ class Step:
     @property
     def manifest(self) -> str:
         return f"{self.stem}.manifest.json"
+
+    @property
+    def universal(self) -> tuple[str, str]:
+        """(universal tar, its record)."""
+        return f"{self.stem}-universal.tar", f"{self.stem}.universal.json"
 
     @property
     def export(self) -> str:
@@ -68,7 +76,7 @@ def parse_export(name: str) -> Optional[Step]:
 def is_run_artefact(relpath: str) -> bool:
     """Whether a path relative to the save folder is something a run writes there."""
     base = relpath.rsplit("/", 1)[-1]
-    if parse_tar(base) or parse_manifest(base) or base.startswith("latest-rank"):
+    if parse_tar(base) or parse_manifest(base) or _UNIVERSAL.match(base) or base.startswith("latest-rank"):
         return True
     top = relpath.split("/", 1)[0]
     return top in (EMA_DIR, EVAL_DIR) and "/" in relpath

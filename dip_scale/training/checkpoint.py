@@ -123,6 +123,20 @@ class Candidate:
     manifest: Optional[dict] = None
     problems: list[str] = field(default_factory=list)
 
+    @property
+    def world_size(self) -> Optional[int]:
+        return int(self.manifest["world_size"]) if self.manifest else None
+
+
+@dataclass
+class Resume:
+    """Where Composer loads from, and how."""
+
+    load_path: str  # a local file name; with {rank} unless universal
+    step: Step
+    written_by: int  # the data-parallel world size that wrote the checkpoint
+    universal: bool = False  # a DeepSpeed universal checkpoint (checkpoint.load_universal)
+
 
 def _scan(folder: str, world: int, key: Optional[bytes]) -> tuple[list[Candidate], list[Candidate], list[str]]:
     """-> (candidates newest first, steps that are not, every run artefact in the folder)."""
@@ -157,8 +171,6 @@ def _scan(folder: str, world: int, key: Optional[bytes]) -> tuple[list[Candidate
                     cand.problems.append(f"{path}: missing")
                 elif sizes[path] != rec.get("size"):
                     cand.problems.append(f"{path}: {sizes[path]} bytes, the manifest records {rec.get('size')} (cut short?)")
-            if m.get("world_size") != world and not cand.problems:
-                cand.problems.append(f"written by {m.get('world_size')} ranks, this run has {world}")
             if key is not None and not m.get("authenticated"):
                 cand.problems.append(f"{storage.join(folder, step.manifest)}: written without {KEY_ENV}, so it cannot be authenticated")
         elif m is None:
@@ -174,11 +186,17 @@ def _scan(folder: str, world: int, key: Optional[bytes]) -> tuple[list[Candidate
 # Fetching and checking on every rank
 # --------------------------------------------------------------------------------------------
 def _fetch(cand: Candidate, rank: int, local_dir: str, key: Optional[bytes]) -> tuple[str, str]:
-    """Copy rank's tar of `cand` into local_dir and check it -> ("ok" | "damaged" | "forged", why)."""
+    """Copy rank's tar of `cand` into local_dir and check it -> ("ok" | "damaged" | "forged", path or why)."""
     name = cand.step.tar(rank)
     src = cand.tars.get(rank)
     if src is None:
         return "damaged", f"{name}: missing"
+    return _fetch_checked(src, name, ((cand.manifest or {}).get("tars") or {}).get(name), local_dir, key)
+
+
+def _fetch_checked(src: str, name: str, rec: Optional[dict], local_dir: str, key: Optional[bytes]) -> tuple[str, str]:
+    """Copy `src` to local_dir/name while hashing it, check it against its record (size, sha256,
+    HMAC when a key is set) and as a tar -> ("ok", local path) | ("damaged" | "forged", why)."""
     dst = os.path.join(local_dir, name)
     try:
         if storage.is_s3(src):
@@ -189,7 +207,6 @@ def _fetch(cand: Candidate, rank: int, local_dir: str, key: Optional[bytes]) -> 
     except OSError as e:
         _discard(dst + ".part")
         return "damaged", f"{src}: cannot be read ({e})"
-    rec = ((cand.manifest or {}).get("tars") or {}).get(name)
     if rec is not None:
         if size != rec.get("size") or sha != rec.get("sha256"):
             _discard(dst + ".part")
@@ -225,27 +242,56 @@ def _add_rank0_members(rank0_tar: str, mine: str) -> None:
                 dst.addfile(member, src.extractfile(member))
 
 
-def _try(cand: Candidate, local_dir: str, key: Optional[bytes]) -> Optional[str]:
-    """Every rank fetches and checks its part of `cand` -> this rank's load path template, or None
-    when some rank found it damaged (reported). Forged: CheckpointRefused on every rank."""
-    rank, local_rank = dist.get_global_rank(), dist.get_local_rank()
+def _outcome(cand: Candidate, statuses: list[tuple[str, str]]) -> bool:
+    """Every rank's (status, why) for `cand` -> usable? Forged anywhere: CheckpointRefused."""
+    forged = sorted({why for status, why in statuses if status == "forged"})
+    if forged:
+        raise CheckpointRefused("checkpoint refused:\n  " + "\n  ".join(forged))
+    damaged = sorted({why for status, why in statuses if status == "damaged"})
+    if damaged:
+        log.error("checkpoint %s is damaged and is skipped:\n  %s", cand.step.stem, "\n  ".join(damaged))
+    return not damaged
+
+
+def _try(cand: Candidate, folder: str, local_dir: str, key: Optional[bytes]) -> Optional[Resume]:
+    """Every rank fetches and checks its part of `cand` -> how to load it, or None when some rank
+    found it damaged (reported). Forged: CheckpointRefused on every rank."""
     os.makedirs(local_dir, exist_ok=True)
+    world = dist.get_world_size()
+    if cand.world_size is not None and cand.world_size != world:
+        return _try_universal(cand, folder, local_dir, key)
+    rank, local_rank = dist.get_global_rank(), dist.get_local_rank()
     results = [_fetch(cand, rank, local_dir, key)]
     needs_rank0 = local_rank == 0 and rank != 0  # the first rank of a node without global rank 0
     if needs_rank0:
         results.append(_fetch(cand, 0, local_dir, key))
-    every = [r for per_rank in dist.all_gather_object(results) for r in per_rank]
-    forged = sorted({why for status, why in every if status == "forged"})
-    if forged:
-        raise CheckpointRefused("checkpoint refused:\n  " + "\n  ".join(forged))
-    damaged = sorted({why for status, why in every if status == "damaged"})
-    if damaged:
-        log.error("checkpoint %s is damaged and is skipped:\n  %s", cand.step.stem, "\n  ".join(damaged))
+    if not _outcome(cand, [r for per_rank in dist.all_gather_object(results) for r in per_rank]):
         return None
     if needs_rank0:
         _add_rank0_members(results[1][1], results[0][1])
         os.remove(results[1][1])
-    return os.path.join(local_dir, cand.step.tar("{rank}"))
+    return Resume(os.path.join(local_dir, cand.step.tar("{rank}")), cand.step, written_by=cand.world_size or world)
+
+
+def _try_universal(cand: Candidate, folder: str, local_dir: str, key: Optional[bytes]) -> Optional[Resume]:
+    """A checkpoint of another world size: its DeepSpeed universal form (training/elastic.py),
+    converted once by rank 0 and cached beside it, fetched and checked by every node."""
+    from dip_scale.training.elastic import ensure_universal
+
+    status = [ensure_universal(cand, folder, local_dir, key) if dist.get_global_rank() == 0 else None]
+    dist.broadcast_object_list(status, src=0)
+    if not _outcome(cand, [status[0][:2]]):
+        return None
+    name, rec = status[0][1], status[0][2]
+    fetched = ("ok", os.path.join(local_dir, name))
+    if dist.get_local_rank() == 0 and dist.get_global_rank() != 0:  # rank 0 made it here; other nodes fetch it
+        fetched = _fetch_checked(storage.join(folder, name), name, rec, local_dir, key)
+    if not _outcome(cand, dist.all_gather_object(fetched)):
+        return None
+    dist.barrier()  # every node's copy is in place before any rank reads it
+    log.info("elastic resume: %s was written by %d ranks, this run has %d; loading its universal form %s",
+             cand.step.stem, cand.world_size, dist.get_world_size(), storage.join(folder, name))
+    return Resume(os.path.join(local_dir, name), cand.step, written_by=cand.world_size, universal=True)
 
 
 def _describe(artefacts: list[str]) -> str:
@@ -261,9 +307,9 @@ def _describe(artefacts: list[str]) -> str:
     return ", ".join(parts) or f"{len(artefacts)} file(s)"
 
 
-def resolve_resume(save_folder: Optional[str], run_name: str, local_dir: str, *, resume: bool = True, start_over: bool = False) -> Optional[str]:
-    """On every rank, before the Trainer is built: the `load_path` (with {rank}) of a checked copy
-    of the newest usable checkpoint, or None for a fresh start. `resume=False` never resumes.
+def resolve_resume(save_folder: Optional[str], run_name: str, local_dir: str, *, resume: bool = True, start_over: bool = False) -> Optional[Resume]:
+    """On every rank, before the Trainer is built: how to load a checked copy of the newest
+    usable checkpoint (at another world size: its universal form), or None for a fresh start. `resume=False` never resumes.
     Raises CheckpointError when the folder holds run artefacts this run would neither resume from
     nor be allowed to replace; `start_over` deletes them instead (and never resumes)."""
     if not save_folder:
@@ -282,7 +328,7 @@ def resolve_resume(save_folder: Optional[str], run_name: str, local_dir: str, *,
         dist.barrier()
         return None
     for cand in good if resume else []:
-        load_path = _try(cand, local_dir, key)
+        load_path = _try(cand, folder, local_dir, key)
         if load_path is not None:
             newer = [c for c in bad if c.step > cand.step]
             for c in newer:

@@ -124,9 +124,13 @@ def build(cfg: ExperimentConfig, rt: Runtime) -> Run:
     log.info("rank %d/%d: run %s, run_dir %s, per-device batch %d", rt.rank, rt.world, cfg.run_name, rt.run_dir, rt.device_batch)
     autoresume = t.autoresume if t.autoresume is not None else bool(t.save_folder)
     resume_dir = os.path.join(rt.run_dir, "resume")
-    load_path = None
+    resume = None
     if t.save_folder:  # with autoresume off, the folder is still checked: nothing of another run is overwritten
-        load_path = resolve_resume(t.save_folder, cfg.run_name, resume_dir, resume=autoresume, start_over=t.start_over)
+        resume = resolve_resume(t.save_folder, cfg.run_name, resume_dir, resume=autoresume, start_over=t.start_over)
+    load_path = resume.load_path if resume else None
+    deepspeed_config = copy.deepcopy(cfg.deepspeed)
+    if resume is not None and resume.universal:  # written at another world size (training/elastic.py)
+        deepspeed_config["checkpoint"] = {**deepspeed_config.get("checkpoint", {}), "load_universal": True}
 
     reproducibility.seed_all(cfg.seed)
     model = build_model(cfg.model)
@@ -199,7 +203,7 @@ def build(cfg: ExperimentConfig, rt: Runtime) -> Run:
         max_duration=t.max_duration,
         device=rt.device,
         precision=precision_for(cfg.deepspeed),
-        deepspeed_config=copy.deepcopy(cfg.deepspeed),
+        deepspeed_config=deepspeed_config,
         device_train_microbatch_size=t.device_train_microbatch_size,
         run_name=cfg.run_name,
         seed=cfg.seed,
