@@ -39,6 +39,7 @@ from dip_scale import storage
 from dip_scale.data.imagenet import (
     COLUMNS,
     DATASET_FILE,
+    INDEX_FILE,
     REPORT_FILE,
     SHARD_HASH,
     DatasetInfo,
@@ -322,9 +323,6 @@ def convert_chunk(out: str, split: str, chunk: int, samples: list[Sample], setti
 
 
 # ------------------------------------------------------------------------------------ driver
-INDEX_FILE = "index.json"  # streaming's index of an MDS folder
-
-
 @dataclass
 class SplitResult:
     input: int

@@ -19,6 +19,7 @@ from PIL import Image
 COLUMNS = {"image": "bytes", "label": "int", "key": "str"}  # encoded image file, class index, source path
 DATASET_FILE = "dataset.json"
 REPORT_FILE = "conversion_report.json"
+INDEX_FILE = "index.json"  # streaming's index of an MDS folder (a split)
 ENCODINGS = ("png", "jpeg", "original")
 SHARD_HASH = "xxh64"  # written into index.json per shard; checked by --validate and data.validate_hash
 

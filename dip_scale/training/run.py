@@ -40,7 +40,7 @@ def train(cfg: ExperimentConfig) -> None:
     from composer.optim import ConstantWithWarmupScheduler
     from composer.utils import dist, reproducibility
 
-    from dip_scale.data.streaming import build_train_dataloader, dataset_info
+    from dip_scale.data.streaming import build_train_dataloader, dataset_info, dataset_problems
     from dip_scale.diffusion.flow import FlowMatchingObjective
     from dip_scale.models import build_model
     from dip_scale.models.summary import summarize
@@ -58,6 +58,9 @@ def train(cfg: ExperimentConfig) -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     if cfg.trainer.autoresume and not cfg.trainer.save_folder:
         raise ConfigError("trainer.autoresume: true needs trainer.save_folder")
+    problems = dataset_problems(cfg.data, cfg.model)  # the data against the model, before anything is built
+    if problems:
+        raise ConfigError("invalid data:\n  " + "\n  ".join(problems))
 
     device = DeviceGPU() if device_name == "gpu" else DeviceCPU()
     dist.initialize_dist(device)  # before the loader: streaming uses this process group
@@ -100,8 +103,6 @@ def train(cfg: ExperimentConfig) -> None:
 
     loader = build_train_dataloader(cfg.data, device_batch_size=device_batch, seed=cfg.seed, cache_dir=os.path.join(run_dir, "mds-cache"))
     info = dataset_info(cfg.data)
-    if info is not None and len(info.classes) != cfg.model.num_classes:
-        raise ConfigError(f"model.num_classes: {cfg.model.num_classes}, but {cfg.data.remote} holds {len(info.classes)} classes")
 
     opt = cfg.optimizer
     optimizer = torch.optim.AdamW(
