@@ -497,6 +497,32 @@ def _counts_text(counts: dict[str, int]) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in counts.items())
 
 
+def _split_report(scan: Scan, r: SplitResult, wnids: list[str], src: str) -> dict:
+    counts = skipped_counts(scan.skipped)
+    return {
+        "files": r.input + sum(counts.values()),  # = written + bad + not converted
+        "input": r.input,
+        "written": r.written,
+        "bad": r.bad,
+        "not_converted_counts": counts,
+        "not_converted": scan.skipped,
+        "empty_classes": [os.path.relpath(p, src) for p in scan.empty],
+        "chunks": r.chunks,
+        "per_class": {wnids[k]: v for k, v in r.per_class.items()},
+    }
+
+
+def _summary_line(split: str, entry: dict) -> str:
+    """What became of every file of the split, in one line."""
+    line = f"{split}: {entry['files']} files, {entry['written']} converted"
+    if entry["bad"]:
+        line += f", {len(entry['bad'])} undecodable"
+    counts = entry["not_converted_counts"]
+    if counts:
+        line += f", {sum(counts.values())} not converted ({_counts_text(counts)})"
+    return line
+
+
 def outside_splits(src: str, splits: list[str]) -> list[dict]:
     """The entries of --src that no converted split covers (metadata files, other folders)."""
     return [{"path": e.name + ("/" if e.is_dir() else ""), "reason": NOT_A_SPLIT}
@@ -554,30 +580,11 @@ def convert(
         "skip_bad": skip_bad,
         "allow_empty_classes": allow_empty_classes,
         "seconds": round(time.time() - started, 1),
-        "splits": {
-            s: {
-                "files": r.input + sum(skipped_counts(scans[s].skipped).values()),  # = written + bad + not converted
-                "input": r.input,
-                "written": r.written,
-                "bad": r.bad,
-                "not_converted_counts": skipped_counts(scans[s].skipped),
-                "not_converted": scans[s].skipped,
-                "empty_classes": [os.path.relpath(p, src) for p in scans[s].empty],
-                "chunks": r.chunks,
-                "per_class": {wnids[k]: v for k, v in r.per_class.items()},
-            }
-            for s, r in results.items()
-        },
+        "splits": {s: _split_report(scans[s], r, wnids, src) for s, r in results.items()},
         "outside_splits": outside_splits(src, splits),
     }
     for s, entry in report["splits"].items():
-        line = f"{s}: {entry['files']} files, {entry['written']} converted"
-        if entry["bad"]:
-            line += f", {len(entry['bad'])} undecodable"
-        counts = entry["not_converted_counts"]
-        if counts:
-            line += f", {sum(counts.values())} not converted ({_counts_text(counts)})"
-        print(line, file=sys.stderr)
+        print(_summary_line(s, entry), file=sys.stderr)
     code = 0 if complete else 1
     if complete:
         info = DatasetInfo(
