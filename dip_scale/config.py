@@ -77,6 +77,7 @@ class DataConfig:
     predownload: Optional[int] = None
     cache_limit: Optional[str] = None
     hflip: bool = False  # off, as in the released DiP code
+    validate_hash: bool = False  # check each shard's xxh64 hash (written by the converter) as it enters the cache
 
 
 @dataclass

@@ -4,7 +4,8 @@ Thin on purpose: load and validate the config (seconds, before any heavy import)
 object storage it names answers, then hand over to dip_scale.training.run (validate -> build ->
 fit -> report). Works under `composer -n N`, as `python dip_scale/train.py` and as
 `python -m dip_scale.train`. Exit codes, the same on every rank (docker/k8s/train-job.yaml's
-podFailurePolicy relies on them): 0 done (also: already complete), 2 config or input error,
+podFailurePolicy relies on them): 0 done (also: already complete), 2 config or input error
+(also a damaged data shard, named),
 3 non-finite loss, 4 object storage unreachable, 5 checkpoint refused (authentication / unsafe
 members).
 """
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_STORAGE
     import logging
 
+    from dip_scale.data.streaming import ShardError
     from dip_scale.training.callbacks import NonFiniteLossError
     from dip_scale.training.checkpoint import CheckpointError, CheckpointRefused
     from dip_scale.training.run import train  # heavy imports only after the config is known good
@@ -71,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"dip_scale (rank {rank}): {e}", file=sys.stderr)
         return EXIT_NONFINITE
+    except ShardError as e:  # a damaged or unreadable shard, named
+        print(f"dip_scale (rank {rank}): {e}", file=sys.stderr)
+        return EXIT_CONFIG
     except CheckpointRefused as e:
         print(f"dip_scale (rank {rank}): {e}", file=sys.stderr)
         return EXIT_REFUSED

@@ -228,3 +228,167 @@ def test_loader_flips_deterministically_per_epoch_and_sample(converted_png):
     assert 0 < sum(flipped0) < len(plain)  # about half
     assert all(torch.equal(a, b) for a, b in zip(e0, e0_again))  # same epoch: same flips (resumable)
     assert [not torch.equal(a, b) for a, b in zip(plain, e1)] != flipped0  # a new epoch draws again
+
+
+# ---------------------------------------------------------------------- every file accounted for
+def _tree_with_stray_files(root: Path) -> Path:
+    """A small tree plus what the real world leaves in one: other formats Pillow reads, a backup
+    copy, a sub-folder of a class folder, a loose image under train/ and a note."""
+    load_tool("make_demo_data").make(str(root), classes=3, train_per_class=2, val_per_class=1, val_layout="folders", oddities=False, seed=5)
+    c0, c1 = root / "train" / "n90000000", root / "train" / "n90000001"
+    jpeg = c0 / "n90000000_0.JPEG"
+    img = load_rgb(jpeg.read_bytes())
+    img.save(c0 / "extra.webp", format="WEBP", lossless=True)
+    img.save(c1 / "scan.tif", format="TIFF")
+    (c1 / "more").mkdir()
+    img.save(c1 / "more" / "nested.JPEG", format="JPEG")
+    (c0 / "n90000000_0.JPG.bak").write_bytes(jpeg.read_bytes())
+    img.save(root / "train" / "loose.JPEG", format="JPEG")
+    (c0 / "notes.txt").write_text("downloaded 2012\n")
+    return root
+
+
+def test_every_source_file_is_converted_or_reported_with_its_reason(tmp_path):
+    root = _tree_with_stray_files(tmp_path / "tree")
+    out = tmp_path / "mds"
+    r = run_convert(root, out, "--splits", "train", "--resolution", 32, "--workers", 1)
+    assert r.returncode == 0, r.stderr
+    stored = {s["key"]: s for s in read_split(str(out / "train"))}
+    # formats Pillow reads are converted, a class's sub-folder belongs to the class (as in ImageFolder)
+    for key, label in (("train/n90000000/extra.webp", 0), ("train/n90000001/scan.tif", 1), ("train/n90000001/more/nested.JPEG", 1)):
+        assert stored[key]["label"] == label
+        assert np.array_equal(to_tensor_array(stored[key]["image"]), center_crop_arr(load_rgb((root / key).read_bytes()), 32)), key
+    report = json.loads((out / "conversion_report.json").read_text())["splits"]["train"]
+    assert report["not_converted"] == [
+        {"path": "train/loose.JPEG", "reason": "outside the class folders"},
+        {"path": "train/n90000000/n90000000_0.JPG.bak", "reason": "image content under a non-image file name", "format": "JPEG"},
+        {"path": "train/n90000000/notes.txt", "reason": "not an image"},
+    ]
+    # the books balance: every file under train/ is either stored or listed
+    files = {str(p.relative_to(root)) for p in (root / "train").rglob("*") if p.is_file()}
+    assert files == set(stored) | {e["path"] for e in report["not_converted"]}
+    assert report["files"] == len(files) == report["written"] + len(report["bad"]) + sum(report["not_converted_counts"].values())
+    for text in ("1 image content under a non-image file name", "1 not an image", "1 outside the class folders"):
+        assert text in r.stderr
+    outside = json.loads((out / "conversion_report.json").read_text())["outside_splits"]
+    assert {"path": "val/", "reason": "not under a converted split"} in outside
+    assert {"path": "LOC_synset_mapping.txt", "reason": "not under a converted split"} in outside
+
+
+def test_limit_per_class_reports_the_files_it_leaves_out(demo_tree, tmp_path):
+    out = tmp_path / "subset"
+    r = run_convert(demo_tree["root"], out, "--splits", "val", "--resolution", 32, "--limit-per-class", 1, "--workers", 1)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "conversion_report.json").read_text())["splits"]["val"]
+    assert report["written"] == 4 and report["not_converted_counts"] == {"beyond --limit-per-class": 8}
+    assert report["files"] == demo_tree["val"]
+
+
+def test_an_empty_class_folder_is_an_error_unless_allowed(tmp_path):
+    root = tmp_path / "tree"
+    load_tool("make_demo_data").make(str(root), classes=3, train_per_class=2, val_per_class=1, val_layout="folders", oddities=False, seed=6)
+    (root / "train" / "n90000007").mkdir()
+    out = tmp_path / "mds"
+    r = run_convert(root, out, "--splits", "train", "--resolution", 32, "--workers", 1)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert str(root / "train" / "n90000007") in r.stderr and "--allow-empty-classes" in r.stderr
+    assert not out.exists()  # refused before anything was written
+    r = run_convert(root, out, "--splits", "train", "--resolution", 32, "--workers", 1, "--allow-empty-classes")
+    assert r.returncode == 0, r.stderr
+    info = json.loads((out / "dataset.json").read_text())
+    assert [c["wnid"] for c in info["classes"]][-1] == "n90000007" and len(info["classes"]) == 4
+    report = json.loads((out / "conversion_report.json").read_text())["splits"]["train"]
+    assert report["empty_classes"] == ["train/n90000007"] and report["written"] == 6
+
+
+# ---------------------------------------------------------------------- another writer's index
+@pytest.fixture(scope="module")
+def small_tree(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("small-tree")
+    load_tool("make_demo_data").make(str(root), classes=3, train_per_class=4, val_per_class=1, val_layout="folders", oddities=False, seed=7)
+    return root
+
+
+def _listing(out: str, s3=None) -> dict[str, bytes]:
+    """Every file (object) under `out` with its bytes."""
+    if s3 is None:
+        return {str(p.relative_to(out)): p.read_bytes() for p in Path(out).rglob("*") if p.is_file()}
+    prefix = out[len(f"s3://{s3['bucket']}/"):]
+    objects = s3["client"].list_objects_v2(Bucket=s3["bucket"], Prefix=prefix).get("Contents", [])
+    return {o["Key"]: s3["client"].get_object(Bucket=s3["bucket"], Key=o["Key"])["Body"].read() for o in objects}
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_an_output_split_holding_another_writers_index_is_refused(small_tree, tmp_path, where, request):
+    from streaming import MDSWriter
+
+    s3 = request.getfixturevalue("s3") if where == "s3" else None
+    out = f"{s3['url']}/mds" if s3 else str(tmp_path / "mds")
+    with MDSWriter(out=f"{out}/train", columns={"x": "int"}) as w:  # someone else's dataset
+        for i in range(3):
+            w.write({"x": i})
+    before = _listing(out, s3)
+    r = run_convert(small_tree, out, "--splits", "train", "--resolution", 32, "--workers", 1,
+                    env=env_with_repo_on_path(**s3["env"]) if s3 else None)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"{out}/train/index.json already exists" in r.stderr and "new --out" in r.stderr
+    assert _listing(out, s3) == before  # nothing written, nothing replaced
+
+
+def test_a_finished_conversion_reruns_to_the_same_index(small_tree, tmp_path):
+    out = tmp_path / "mds"
+    assert run_convert(small_tree, out, "--splits", "train", "--resolution", 32, "--workers", 1).returncode == 0
+    index = (out / "train" / "index.json").read_bytes()
+    again = run_convert(small_tree, out, "--splits", "train", "--resolution", 32, "--workers", 1)
+    assert again.returncode == 0 and "resuming, 1/1 chunks" in again.stderr, again.stderr
+    assert (out / "train" / "index.json").read_bytes() == index
+
+
+# ---------------------------------------------------------------------- shard hashes
+def flip_bytes(data: bytes) -> bytes:
+    """16 bytes inverted inside the first PNG's pixel data (IDAT) of a shard."""
+    at = data.index(b"IDAT") + 24
+    return data[:at] + bytes(b ^ 0xFF for b in data[at : at + 16]) + data[at + 16 :]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_validate_checks_every_shard_hash_and_names_a_damaged_shard(small_tree, tmp_path, where, request):
+    s3 = request.getfixturevalue("s3") if where == "s3" else None
+    out = f"{s3['url']}/mds" if s3 else str(tmp_path / "mds")
+    env = env_with_repo_on_path(**s3["env"]) if s3 else None
+    args = ["--splits", "train", "--resolution", 32, "--workers", 2, "--chunk-size", 6, "--shard-size", "8kb"]
+    assert run_convert(small_tree, out, *args, env=env).returncode == 0
+    files = _listing(out, s3)
+    index = json.loads(next(v for k, v in files.items() if k.endswith("train/index.json")))
+    shards = [s["raw_data"] for s in index["shards"]]
+    assert len(shards) > 2 and all(len(s["hashes"]["xxh64"]) == 16 for s in shards)
+
+    name = next(k for k in files if k.endswith(shards[1]["basename"]))
+    damaged = flip_bytes(files[name])
+    if s3:
+        s3["client"].put_object(Bucket=s3["bucket"], Key=name, Body=damaged)
+    else:
+        Path(out, name).write_bytes(damaged)
+    shard_url = f"{out}/train/{shards[1]['basename']}"
+    r = run_convert(small_tree, out, *args, "--validate", 4, env=env)
+    assert r.returncode == 1, r.stderr
+    assert f"damaged shard {shard_url}: xxh64 hash differs" in r.stderr and "delete its chunk-NNNNN folder" in r.stderr
+    report = json.loads(_listing(out, s3)[next(k for k in files if k.endswith("conversion_report.json"))])
+    assert report["status"] == "validation failed"
+    assert [d["shard"] for d in report["validation"]["train"]["shards"]["damaged"]] == [shard_url]
+    assert _listing(out, s3)[name] == damaged  # validation changes nothing
+
+    # the repair the message describes rewrites the shard byte for byte
+    chunk = shards[1]["basename"].split("/")[0]
+    if s3:
+        for key in [k for k in files if f"train/{chunk}/" in k or k.endswith("train/index.json")]:
+            s3["client"].delete_object(Bucket=s3["bucket"], Key=key)
+    else:
+        import shutil
+
+        shutil.rmtree(Path(out, "train", chunk))
+        Path(out, "train", "index.json").unlink()
+    r = run_convert(small_tree, out, *args, "--validate", 4, env=env)
+    assert r.returncode == 0, r.stderr
+    after = _listing(out, s3)
+    assert {k: v for k, v in after.items() if "conversion_report" not in k} == {k: v for k, v in files.items() if "conversion_report" not in k}

@@ -93,7 +93,7 @@ def main() -> None:
         per_class = max(1, args.images // len(make_demo_data.PHOTOS))
         make_demo_data.make(tree, len(make_demo_data.PHOTOS), per_class, 0, "folders", False, 0, short_side=(300, 500))
         classes = class_index(find_wnids(tree))
-        samples = shuffled(scan_split(tree, "train", classes, None), 0, "train")
+        samples = shuffled(scan_split(tree, "train", classes, None).samples, 0, "train")
         rows = [bench_encoding(tree, os.path.join(tmp, enc), enc, args, samples) for enc in args.encodings.split(",")]
 
     print(f"{len(samples)} ImageNet-sized JPEGs -> {args.resolution}px ADM crops, shard size {args.shard_size}, 1 core per worker")

@@ -4,9 +4,15 @@
 
 Input: train/<wnid>/*.JPEG; val/ in <wnid>/ folders or flat with LOC_val_solution.csv or the
 devkit's ILSVRC2012_validation_ground_truth.txt + meta.mat. Classes are the sorted wnids.
-Output: <out>/<split>/ (MDS), <out>/dataset.json, <out>/conversion_report.json. Rerunning the
-same command after a crash finishes the job; the same input and --seed give identical output.
-Undecodable files are listed in the report and make the run exit 1 unless --skip-bad.
+Every file whose name ends in a suffix Pillow opens (.JPEG, .png, .webp, .tif, ...) is
+converted, sub-folders of class folders included; every other file is listed in the report
+with the reason (counts are printed). A class folder without images is an error unless
+--allow-empty-classes.
+Output: <out>/<split>/ (MDS, an xxh64 hash per shard), <out>/dataset.json,
+<out>/conversion_report.json. Rerunning the same command after a crash finishes the job; the
+same input and --seed give identical output. An output split holding another writer's
+index.json is refused. Undecodable files are listed in the report and make the run exit 1
+unless --skip-bad.
 """
 from __future__ import annotations
 
@@ -37,8 +43,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--shard-size", default="64mb", help="MDS shard size limit")
     ap.add_argument("--limit-per-class", type=int, default=None, help="keep the first N images of each class (subsets)")
     ap.add_argument("--skip-bad", action="store_true", help="accept undecodable files (listed in the report) and exit 0")
+    ap.add_argument("--allow-empty-classes", action="store_true", help="keep class folders without images as classes with 0 images")
     ap.add_argument("--validate", type=int, nargs="?", const=200, default=0, metavar="N",
-                    help="decode N random stored samples (default 200) and compare with the source")
+                    help="check every shard's xxh64 hash (reads the whole output once) and decode N random stored "
+                         "samples (default 200) against the source")
     ap.add_argument("--synsets", default=None, help="LOC_synset_mapping.txt / synset_words.txt / devkit meta.mat (class names)")
     ap.add_argument("--val-labels", default=None, help="LOC_val_solution.csv or ILSVRC2012_validation_ground_truth.txt for a flat val/")
     args = ap.parse_args(argv)
@@ -82,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         limit_per_class=args.limit_per_class,
     )
     try:
-        code = convert(args.src, args.out, args.splits, settings, args.workers, args.skip_bad, args.validate, args.synsets, args.val_labels)
+        code = convert(args.src, args.out, args.splits, settings, args.workers, args.skip_bad, args.validate, args.synsets, args.val_labels,
+                       args.allow_empty_classes)
     except (ConvertError, PermissionError, StorageUnreachable) as e:
         print(f"convert_imagenet_mds: {e}", file=sys.stderr)
         return 2

@@ -6,7 +6,13 @@ chunk becomes one MDS partition `<out>/<split>/chunk-NNNNN/` written by one work
 after everything else. A rerun skips sealed chunks and rewrites unsealed ones, so a crash costs
 at most the chunks in flight; the output depends on the input, settings and seed only, not on
 the number of workers or on interruptions. The split's `index.json` (streaming's merge of the
-chunk indices, in chunk order) is written only once every chunk is sealed and the counts add up.
+chunk indices, in chunk order) is written only once every chunk is sealed and the counts add up;
+one already there must be exactly that merge (another writer's index is refused, not served).
+
+Every file under a split is accounted for: converted, undecodable (`bad`), or not converted
+with a reason (`NOT_IMAGE` ... below). A file is converted when its name ends in a suffix of a
+format Pillow opens; its content decides the decoder (a PNG named .JPEG is fine). Each shard's
+xxh64 hash goes into index.json, for `--validate` and the loader's `data.validate_hash`.
 """
 from __future__ import annotations
 
@@ -23,16 +29,19 @@ import time
 import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import Optional
 
 import numpy as np
+from PIL import Image
 
 from dip_scale import storage
 from dip_scale.data.imagenet import (
     COLUMNS,
     DATASET_FILE,
-    IMAGE_SUFFIXES,
+    INDEX_FILE,
     REPORT_FILE,
+    SHARD_HASH,
     DatasetInfo,
     class_index,
     encode_image,
@@ -70,8 +79,57 @@ class Sample:
 
 
 # ------------------------------------------------------------------------------------ scanning
+# Why a file under --src is not converted (the report lists each file with one of these).
+NOT_IMAGE = "not an image"
+IMAGE_UNDER_OTHER_NAME = "image content under a non-image file name"
+NO_CLASS = "outside the class folders"
+OVER_LIMIT = "beyond --limit-per-class"
+NOT_A_SPLIT = "not under a converted split"
+
+
+@lru_cache(maxsize=None)
+def image_suffixes() -> frozenset[str]:
+    """File name endings of every format this Pillow can open (.jpeg, .png, .webp, .tif, ...)."""
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
 def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_SUFFIXES)
+    return os.path.splitext(name)[1].lower() in image_suffixes()
+
+
+def _not_converted(path: str, key: str) -> dict:
+    """A file without an image name, with what its content is: a backup such as x.JPG.bak is
+    not made a (duplicate) sample, but the report says it holds an image."""
+    try:
+        with Image.open(path) as im:
+            return {"path": key, "reason": IMAGE_UNDER_OTHER_NAME, "format": im.format}
+    except Exception:  # noqa: BLE001 - anything Pillow cannot identify is not an image
+        return {"path": key, "reason": NOT_IMAGE}
+
+
+def _files_under(folder: str, key: str):
+    """(path, key) of every file below `folder`, sub-folders included (as torchvision's
+    ImageFolder and ADM's loader read a class folder), in sorted order."""
+    for dirpath, dirnames, files in os.walk(folder, followlinks=True):
+        dirnames.sort()
+        for n in sorted(files):
+            path = os.path.join(dirpath, n)
+            yield path, f"{key}/{os.path.relpath(path, folder)}"
+
+
+def skipped_counts(skipped: list[dict]) -> dict[str, int]:
+    """Files not converted, by reason (an entry may stand for several files)."""
+    counts = Counter()
+    for s in skipped:
+        counts[s["reason"]] += s.get("files", 1)
+    return dict(sorted(counts.items()))
+
+
+@dataclass
+class Scan:
+    samples: list[Sample]  # the images to convert, sorted by key
+    skipped: list[dict]  # every other file of the split: {"path", "reason", ...}
+    empty: list[str]  # class folders without a single image
 
 
 def find_wnids(src: str) -> list[str]:
@@ -148,33 +206,52 @@ def read_val_labels(src: str, val_labels: Optional[str], synsets: Optional[str])
     return {stem: id_to_wnid[i] for stem, i in zip(stems, ids)}
 
 
-def scan_split(src: str, split: str, classes: dict[str, int], limit_per_class: Optional[int], flat_labels: Optional[dict[str, str]] = None) -> list[Sample]:
-    """Every image of a split with its label, sorted by key (the first N per class with a limit)."""
+def scan_split(src: str, split: str, classes: dict[str, int], limit_per_class: Optional[int], flat_labels: Optional[dict[str, str]] = None) -> Scan:
+    """Every file of a split: the images with their labels (the first N per class with a
+    limit) and, with the reason, every file that is not converted."""
     root = os.path.join(src, split)
     if not os.path.isdir(root):
         raise ConvertError(f"--src {src}: no {split}/ folder")
-    entries = list(os.scandir(root))
+    entries = sorted(os.scandir(root), key=lambda e: e.name)
     per_class: dict[int, list[Sample]] = {}
+    skipped, empty = [], []
     if any(e.is_dir() for e in entries):  # <split>/<wnid>/*.JPEG
-        for e in sorted(entries, key=lambda e: e.name):
+        for e in entries:
             if not e.is_dir():
+                skipped.append({"path": f"{split}/{e.name}", "reason": NO_CLASS})
                 continue
             if e.name not in classes:
                 raise ConvertError(f"{e.path}: class folder {e.name!r} is not among the {len(classes)} train classes")
-            names = sorted(n for n in os.listdir(e.path) if _is_image(n))
-            per_class[classes[e.name]] = [Sample(os.path.join(e.path, n), f"{split}/{e.name}/{n}", classes[e.name]) for n in names]
+            images = per_class.setdefault(classes[e.name], [])
+            for path, key in _files_under(e.path, f"{split}/{e.name}"):
+                if _is_image(path):
+                    images.append(Sample(path, key, classes[e.name]))
+                else:
+                    skipped.append(_not_converted(path, key))
+            if not images:
+                empty.append(e.path)
     else:  # flat, labels from a ground-truth file
         labels = flat_labels or {}
-        for n in sorted(x.name for x in entries if _is_image(x.name)):
-            stem = os.path.splitext(n)[0]
+        for e in entries:
+            if not _is_image(e.name):
+                skipped.append(_not_converted(e.path, f"{split}/{e.name}"))
+                continue
+            stem = os.path.splitext(e.name)[0]
             if stem not in labels:
-                raise ConvertError(f"{os.path.join(root, n)} has no label in the ground-truth file")
+                raise ConvertError(f"{e.path} has no label in the ground-truth file")
             wnid = labels[stem]
             if wnid not in classes:
-                raise ConvertError(f"{os.path.join(root, n)}: label {wnid!r} is not a known class")
-            per_class.setdefault(classes[wnid], []).append(Sample(os.path.join(root, n), f"{split}/{n}", classes[wnid]))
-    samples = [s for label in sorted(per_class) for s in per_class[label][:limit_per_class]]
-    return sorted(samples, key=lambda s: s.key)
+                raise ConvertError(f"{e.path}: label {wnid!r} is not a known class")
+            per_class.setdefault(classes[wnid], []).append(Sample(e.path, f"{split}/{e.name}", classes[wnid]))
+    wnids = sorted(classes, key=classes.get)
+    samples = []
+    for label in sorted(per_class):
+        images = sorted(per_class[label], key=lambda s: s.key)
+        samples += images[:limit_per_class]
+        if limit_per_class is not None and len(images) > limit_per_class:  # the files after the first N keys
+            skipped.append({"path": os.path.dirname(images[0].key), "class": wnids[label], "reason": OVER_LIMIT,
+                            "files": len(images) - limit_per_class})
+    return Scan(sorted(samples, key=lambda s: s.key), sorted(skipped, key=lambda s: s["path"]), empty)
 
 
 def shuffled(samples: list[Sample], seed: int, split: str) -> list[Sample]:
@@ -220,7 +297,8 @@ def convert_chunk(out: str, split: str, chunk: int, samples: list[Sample], setti
     dest = chunk_dir(out, split, chunk)
     storage.remove_tree(dest)  # leftovers of an interrupted run
     bad, labels = [], Counter()
-    with MDSWriter(out=dest, columns=COLUMNS, compression=None, size_limit=settings.shard_size, exist_ok=True, retry=5) as writer:
+    with MDSWriter(out=dest, columns=COLUMNS, compression=None, size_limit=settings.shard_size, hashes=[SHARD_HASH],
+                   exist_ok=True, retry=5) as writer:
         for s in samples:
             try:
                 data = encode_sample(s, settings)
@@ -260,12 +338,10 @@ def _read_marker(out: str, split: str, chunk: int) -> Optional[dict]:
     return json.loads(data) if data else None
 
 
-def convert_split(src: str, out: str, split: str, samples: list[Sample], settings: Settings, workers: int, skip_bad: bool) -> SplitResult:
-    from streaming.base.util import merge_index
-    from tqdm import tqdm
-
-    chunks = [samples[i : i + settings.chunk_size] for i in range(0, len(samples), settings.chunk_size)]
-    markers: dict[int, dict] = {}
+def sealed_chunks(out: str, split: str, chunks: list[list[Sample]], settings: Settings) -> dict[int, dict]:
+    """The markers of the chunks a previous run completed; a chunk written with other settings
+    or from other input files is an error (nothing of it is reused or rewritten)."""
+    markers = {}
     for i, chunk in enumerate(chunks):
         m = _read_marker(out, split, i)
         if m is None:
@@ -278,10 +354,52 @@ def convert_split(src: str, out: str, split: str, samples: list[Sample], setting
         if m["keys"] != _keys_digest(chunk):
             raise ConvertError(f"{chunk_dir(out, split, i)}: the input files changed since it was written; use a new --out")
         markers[i] = m
+    return markers
+
+
+def merged_index(out: str, split: str, chunks: int) -> bytes:
+    """streaming's merge of the chunk indices, in chunk order (computed in a temporary folder:
+    the caller decides whether it may be written)."""
+    import tempfile
+
+    from streaming.base.util import merge_index
+
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    root_logger.setLevel(logging.ERROR)  # streaming logs its temp folders as root warnings
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            merge_index([storage.join(chunk_dir(out, split, i), INDEX_FILE) for i in range(chunks)], tmp)
+            with open(os.path.join(tmp, INDEX_FILE), "rb") as f:
+                return f.read()
+    finally:
+        root_logger.setLevel(level)
+
+
+def check_split_index(out: str, split: str, chunks: int, markers: dict[int, dict]) -> None:
+    """An index.json already in the output split must be the one this conversion writes (its
+    chunks all sealed, the merge identical): streaming serves whatever that file lists, so
+    another writer's index would silently stand in for this dataset."""
+    index = storage.join(out, split, INDEX_FILE)
+    existing = storage.read_bytes(index)
+    if existing is None or (len(markers) == chunks and existing == merged_index(out, split, chunks)):
+        return
+    raise ConvertError(
+        f"{index} already exists and is not the index of this conversion (another writer's dataset, or one made from "
+        f"other input or settings); it was kept and nothing was written. Use a new --out, or delete "
+        f"{storage.join(out, split)} if the data there is not needed"
+    )
+
+
+def convert_split(out: str, split: str, chunks: list[list[Sample]], markers: dict[int, dict], settings: Settings,
+                  workers: int, skip_bad: bool) -> SplitResult:
+    """Write the chunks not sealed yet, then the split's index once every chunk is sealed and
+    the counts add up (with bad files only under --skip-bad)."""
+    from tqdm import tqdm
+
     pending = [i for i in range(len(chunks)) if i not in markers]
     if markers:
         print(f"{split}: resuming, {len(markers)}/{len(chunks)} chunks already complete", file=sys.stderr)
-
     if pending:
         ctx = mp.get_context("spawn")
         counter = ctx.Value("q", 0)
@@ -299,22 +417,49 @@ def convert_split(src: str, out: str, split: str, samples: list[Sample], setting
     ordered = [markers[i] for i in range(len(chunks))]
     bad = [b for m in ordered for b in m["bad"]]
     written = sum(m["samples"] for m in ordered)
-    if written + len(bad) != len(samples):  # nothing valid is silently dropped
-        raise ConvertError(f"{split}: {written} written + {len(bad)} bad != {len(samples)} input images")
+    inputs = sum(len(c) for c in chunks)
+    if written + len(bad) != inputs:  # nothing valid is silently dropped
+        raise ConvertError(f"{split}: {written} written + {len(bad)} bad != {inputs} input images")
     per_class = Counter()
     for m in ordered:
         per_class.update({int(k): v for k, v in m["labels"].items()})
     merged = not bad or skip_bad
-    # an existing merged index was made from these same sealed chunks: it is already right
-    if merged and storage.read_bytes(storage.join(out, split, "index.json")) is None:
-        root_logger = logging.getLogger()
-        level = root_logger.level
-        root_logger.setLevel(logging.ERROR)  # streaming logs its temp folders as root warnings
-        try:
-            merge_index([storage.join(chunk_dir(out, split, i), "index.json") for i in range(len(chunks))], storage.join(out, split))
-        finally:
-            root_logger.setLevel(level)
-    return SplitResult(len(samples), written, bad, dict(sorted(per_class.items())), len(chunks), merged)
+    index = storage.join(out, split, INDEX_FILE)
+    if merged and not storage.exists(index):  # one already there was checked by check_split_index
+        storage.write_bytes(index, merged_index(out, split, len(chunks)))
+    return SplitResult(inputs, written, bad, dict(sorted(per_class.items())), len(chunks), merged)
+
+
+def check_shards(out: str, split: str, workers: int) -> dict:
+    """Read every shard of the split and compare its size and xxh64 hash with index.json (the
+    whole dataset is read once: a flipped byte anywhere is found)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from streaming.base.hashing import get_hash
+    from tqdm import tqdm
+
+    shards = [s["raw_data"] for s in json.loads(storage.read_bytes(storage.join(out, split, INDEX_FILE)))["shards"]]
+
+    def problem(info: dict) -> Optional[str]:
+        data = storage.read_bytes(storage.join(out, split, info["basename"]))
+        if data is None:
+            return "missing"
+        if len(data) != info["bytes"]:
+            return f"{len(data)} bytes, index.json says {info['bytes']}"
+        if SHARD_HASH not in info.get("hashes", {}):
+            return f"index.json holds no {SHARD_HASH} hash for it (converted before hashes were written)"
+        if get_hash(SHARD_HASH, data) != info["hashes"][SHARD_HASH]:
+            return f"{SHARD_HASH} hash differs from index.json: the file is damaged"
+        return None
+
+    damaged = []
+    with ThreadPoolExecutor(workers) as pool, tqdm(total=sum(s["bytes"] for s in shards), desc=f"{split}: shard hashes",
+                                                     unit="B", unit_scale=True, dynamic_ncols=True) as bar:
+        for info, why in zip(shards, pool.map(problem, shards)):
+            bar.update(info["bytes"])
+            if why:
+                damaged.append({"shard": storage.join(out, split, info["basename"]), "problem": why})
+    return {"checked": len(shards), "damaged": damaged}
 
 
 def validate_split(src: str, out: str, split: str, settings: Settings, n: int, seed: int) -> dict:
@@ -332,8 +477,12 @@ def validate_split(src: str, out: str, split: str, settings: Settings, n: int, s
         idx = np.random.default_rng(seed).choice(len(ds), size=min(n, len(ds)), replace=False)
         worst, mismatches = float("inf"), []
         for i in idx:
-            sample = ds[int(i)]
-            stored = to_tensor_array(sample["image"]).astype(np.float64)
+            try:
+                sample = ds[int(i)]
+                stored = to_tensor_array(sample["image"]).astype(np.float64)
+            except Exception as e:  # noqa: BLE001 - a damaged shard; check_shards names it
+                mismatches.append(f"sample {i}: {type(e).__name__}: {e}")
+                continue
             with open(os.path.join(src, sample["key"]), "rb") as f:
                 source = np.asarray(preprocess(load_rgb(f.read()), settings.resolution)).astype(np.float64)
             mse = float(np.mean((stored - source) ** 2)) if stored.shape == source.shape else float("inf")
@@ -342,6 +491,42 @@ def validate_split(src: str, out: str, split: str, settings: Settings, n: int, s
             if (settings.encoding == "jpeg" and psnr < 30) or (settings.encoding != "jpeg" and mse != 0):
                 mismatches.append(sample["key"])
     return {"checked": int(len(idx)), "mismatches": mismatches, "worst_psnr_db": None if worst == float("inf") else round(worst, 2)}
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in counts.items())
+
+
+def _split_report(scan: Scan, r: SplitResult, wnids: list[str], src: str) -> dict:
+    counts = skipped_counts(scan.skipped)
+    return {
+        "files": r.input + sum(counts.values()),  # = written + bad + not converted
+        "input": r.input,
+        "written": r.written,
+        "bad": r.bad,
+        "not_converted_counts": counts,
+        "not_converted": scan.skipped,
+        "empty_classes": [os.path.relpath(p, src) for p in scan.empty],
+        "chunks": r.chunks,
+        "per_class": {wnids[k]: v for k, v in r.per_class.items()},
+    }
+
+
+def _summary_line(split: str, entry: dict) -> str:
+    """What became of every file of the split, in one line."""
+    line = f"{split}: {entry['files']} files, {entry['written']} converted"
+    if entry["bad"]:
+        line += f", {len(entry['bad'])} undecodable"
+    counts = entry["not_converted_counts"]
+    if counts:
+        line += f", {sum(counts.values())} not converted ({_counts_text(counts)})"
+    return line
+
+
+def outside_splits(src: str, splits: list[str]) -> list[dict]:
+    """The entries of --src that no converted split covers (metadata files, other folders)."""
+    return [{"path": e.name + ("/" if e.is_dir() else ""), "reason": NOT_A_SPLIT}
+            for e in sorted(os.scandir(src), key=lambda e: e.name) if e.name not in splits]
 
 
 def convert(
@@ -354,24 +539,39 @@ def convert(
     validate: int = 0,
     synsets: Optional[str] = None,
     val_labels: Optional[str] = None,
+    allow_empty_classes: bool = False,
 ) -> int:
     """Convert the splits; returns the process exit code (0 ok, 1 bad files without --skip-bad
-    or failed validation)."""
+    or failed validation). Every file under --src is either converted or listed in the report
+    with the reason."""
     started = time.time()
-    storage.check_writable(out)  # first: an unreachable output fails in seconds, not after the scan
+    if storage.is_s3(out):  # first: an unreachable bucket fails within a minute, not after the scan
+        storage.check_reachable(out, "--out")
     wnids = find_wnids(src)
     classes = class_index(wnids)
     names = read_class_names(src, synsets)
-    scanned = {}
+    scans: dict[str, Scan] = {}
     for split in splits:  # scan everything first: input errors surface before any writing
         split_dir = os.path.join(src, split)
         flat = os.path.isdir(split_dir) and not any(e.is_dir() for e in os.scandir(split_dir))
         labels = read_val_labels(src, val_labels, synsets) if flat else None
-        scanned[split] = shuffled(scan_split(src, split, classes, settings.limit_per_class, labels), settings.seed, split)
-        if not scanned[split]:
-            raise ConvertError(f"--src {src}: {split}/ holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        scans[split] = scan_split(src, split, classes, settings.limit_per_class, labels)
+        if not scans[split].samples:
+            raise ConvertError(f"--src {src}: {split}/ holds no images (file names Pillow reads: .jpeg, .png, .webp, .tif, ...)")
+        skipped = skipped_counts(scans[split].skipped)
+        if skipped:
+            print(f"{split}: {sum(skipped.values())} files not converted ({_counts_text(skipped)}); listed in {REPORT_FILE}", file=sys.stderr)
+    empty = [p for scan in scans.values() for p in scan.empty]
+    if empty and not allow_empty_classes:
+        raise ConvertError(f"class folders without images: {', '.join(empty)}; add their images, remove the folders, or "
+                           "pass --allow-empty-classes to keep these classes (their ids stay reserved) with 0 images")
+    chunks = {s: _chunks(shuffled(scans[s].samples, settings.seed, s), settings.chunk_size) for s in splits}
+    markers = {s: sealed_chunks(out, s, chunks[s], settings) for s in splits}
+    for s in splits:  # before any writing: a foreign index stops the run with everything as it was
+        check_split_index(out, s, len(chunks[s]), markers[s])
+    storage.check_writable(out)
 
-    results = {s: convert_split(src, out, s, scanned[s], settings, workers, skip_bad) for s in splits}
+    results = {s: convert_split(out, s, chunks[s], markers[s], settings, workers, skip_bad) for s in splits}
     complete = all(r.merged for r in results.values())
     report = {
         "status": "complete" if complete else "incomplete: undecodable files (rerun with --skip-bad to accept)",
@@ -380,18 +580,13 @@ def convert(
         "settings": asdict(settings),
         "workers": workers,
         "skip_bad": skip_bad,
+        "allow_empty_classes": allow_empty_classes,
         "seconds": round(time.time() - started, 1),
-        "splits": {
-            s: {
-                "input": r.input,
-                "written": r.written,
-                "bad": r.bad,
-                "chunks": r.chunks,
-                "per_class": {wnids[k]: v for k, v in r.per_class.items()},
-            }
-            for s, r in results.items()
-        },
+        "splits": {s: _split_report(scans[s], r, wnids, src) for s, r in results.items()},
+        "outside_splits": outside_splits(src, splits),
     }
+    for s, entry in report["splits"].items():
+        print(_summary_line(s, entry), file=sys.stderr)
     code = 0 if complete else 1
     if complete:
         info = DatasetInfo(
@@ -405,9 +600,20 @@ def convert(
         )
         storage.write_bytes(storage.join(out, DATASET_FILE), info.to_json().encode())
         if validate:
-            report["validation"] = {s: validate_split(src, out, s, settings, validate, settings.seed) for s in splits}
-            if any(v["mismatches"] for v in report["validation"].values()):
+            report["validation"] = {s: {"shards": check_shards(out, s, workers), **validate_split(src, out, s, settings, validate, settings.seed)}
+                                    for s in splits}
+            damaged = [d for v in report["validation"].values() for d in v["shards"]["damaged"]]
+            for d in damaged:
+                print(f"damaged shard {d['shard']}: {d['problem']}", file=sys.stderr)
+            if damaged:
+                print("to rewrite a damaged shard, delete its chunk-NNNNN folder and the split's index.json, then rerun "
+                      "the same command (the rewrite is byte-identical)", file=sys.stderr)
+            if damaged or any(v["mismatches"] for v in report["validation"].values()):
                 report["status"] = "validation failed"
                 code = 1
     storage.write_bytes(storage.join(out, REPORT_FILE), json.dumps(report, indent=1).encode())
     return code
+
+
+def _chunks(samples: list[Sample], size: int) -> list[list[Sample]]:
+    return [samples[i : i + size] for i in range(0, len(samples), size)]

@@ -3,8 +3,8 @@ so the two can never disagree on class order, preprocessing or encoding.
 
 Layout written by tools/convert_imagenet_mds.py under `--out`:
     <out>/dataset.json              classes (index, wnid, name), preprocessing, encoding
-    <out>/conversion_report.json    counts per split and class, bad files, settings, time
-    <out>/<split>/index.json        the merged MDS index of the split
+    <out>/conversion_report.json    counts per split and class, every file not converted and why, settings, time
+    <out>/<split>/index.json        the merged MDS index of the split (an xxh64 hash per shard)
     <out>/<split>/chunk-NNNNN/      one MDS partition per fixed chunk of the (shuffled) sample list
 """
 from __future__ import annotations
@@ -19,8 +19,9 @@ from PIL import Image
 COLUMNS = {"image": "bytes", "label": "int", "key": "str"}  # encoded image file, class index, source path
 DATASET_FILE = "dataset.json"
 REPORT_FILE = "conversion_report.json"
+INDEX_FILE = "index.json"  # streaming's index of an MDS folder (a split)
 ENCODINGS = ("png", "jpeg", "original")
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+SHARD_HASH = "xxh64"  # written into index.json per shard; checked by --validate and data.validate_hash
 
 
 def class_index(wnids) -> dict[str, int]:

@@ -70,6 +70,7 @@ def validate(cfg: ExperimentConfig) -> Runtime:
     from composer.devices import DeviceCPU, DeviceGPU
     from composer.utils import dist
 
+    from dip_scale.data.streaming import dataset_problems
     from dip_scale.training.deepspeed import validate_deepspeed
 
     device_name = cfg.trainer.device
@@ -85,6 +86,9 @@ def validate(cfg: ExperimentConfig) -> Runtime:
     problems = validate_deepspeed(cfg.deepspeed, on_gpu=device_name == "gpu" or cpu_bf16_for_tests())
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    problems = dataset_problems(cfg.data, cfg.model)  # the data against the model, before anything is built
+    if problems:
+        raise ConfigError("invalid data:\n  " + "\n  ".join(problems))
     device = DeviceGPU() if device_name == "gpu" else DeviceCPU()
     dist.initialize_dist(device)  # before the loader: streaming uses this process group
     world, rank = dist.get_world_size(), dist.get_global_rank()
@@ -159,8 +163,6 @@ def build(cfg: ExperimentConfig, rt: Runtime) -> Run:
 
     loader = build_train_dataloader(cfg.data, device_batch_size=rt.device_batch, seed=cfg.seed, cache_dir=os.path.join(rt.run_dir, "mds-cache"))
     info = dataset_info(cfg.data)
-    if info is not None and len(info.classes) != cfg.model.num_classes:
-        raise ConfigError(f"model.num_classes: {cfg.model.num_classes}, but {cfg.data.remote} holds {len(info.classes)} classes")
     opt = cfg.optimizer
     optimizer = torch.optim.AdamW(
         [p for p in composer_model.parameters() if p.requires_grad],
