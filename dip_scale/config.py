@@ -115,6 +115,7 @@ class SamplerConfig:
 @dataclass
 class LoggingConfig:
     metrics_interval: str = "10ba"  # one JSON line per interval in <run_dir>/metrics.jsonl
+    sample_ids: bool = False  # also record the ids of each logged global batch's samples there (data-order audits)
     sample_interval: str = "10ep"  # EMA sample grid PNG
     sample_classes: Optional[list[int]] = None  # None: spread_classes(model.num_classes)
     sample_seed: int = 0

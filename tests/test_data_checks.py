@@ -91,7 +91,7 @@ def _read_all(remote: str, cache: Path, workers: int, **data) -> int:
 
     cfg = DataConfig(remote=remote, split="train", batch_size=2, num_workers=workers, **data)
     loader = build_train_dataloader(cfg, device_batch_size=2, seed=5, cache_dir=str(cache))
-    return sum(len(images) for images, _ in loader)
+    return sum(len(images) for images, _, _ in loader)
 
 
 @pytest.fixture
@@ -161,6 +161,6 @@ def test_a_shard_failing_its_check_ahead_of_the_reader_stops_the_epoch(damaged, 
                        cache_dir=str(tmp_path / "cache"))
     seen = []
     with pytest.raises(ShardError, match=f"{shard}: ValueError: Checksum failure"):
-        for image, _ in ds:
+        for image, _, _ in ds:
             seen.append(image)
     assert len(seen) < 32

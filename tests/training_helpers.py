@@ -34,6 +34,7 @@ def tiny_overrides(data: str, run_dir: Path, save_folder: str, **extra) -> list[
         "trainer.progress_bar": "false",
         "trainer.console_log_interval": "1000ba",
         "logging.metrics_interval": "1ba",
+        "logging.sample_ids": "true",  # the data order, for the resume tests
         "logging.sample_interval": "1000ba",
         "logging.sample_classes": "[0,1,2,3]",
         "sampler.steps": 4,

@@ -55,7 +55,7 @@ def bench_encoding(tree: str, out: str, encoding: str, args, samples) -> dict:
         it = iter(loader)
         first = next(it)  # worker start-up excluded
         n, start = 0, time.perf_counter()
-        for images, _ in it:
+        for images, *_ in it:
             n += images.shape[0]
         rates.append(n / (time.perf_counter() - start))
         assert first[0].dtype == torch.uint8

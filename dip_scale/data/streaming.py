@@ -34,7 +34,9 @@ class ShardError(RuntimeError):
 
 
 class ImageNetMDS(StreamingDataset):
-    """StreamingDataset over the converter's schema: yields (uint8 image (3,H,W), int label).
+    """StreamingDataset over the converter's schema: yields (uint8 image (3,H,W), int label,
+    int sample id). The id (the sample's index in the dataset) keys the sample's diffusion noise
+    (diffusion/flow.py), so the noise does not depend on which rank reads the sample.
 
     Images leave the loader as uint8 and are mapped to [-1, 1] on the accelerator
     (`imagenet.to_model_range`, inside the model): float32 is 4x the bytes through the
@@ -96,7 +98,7 @@ class ImageNetMDS(StreamingDataset):
                              f"{type(e).__name__}: {e}; {CHECK_HINT}") from e
         if self.hflip and self._flip(idx):
             arr = arr[:, ::-1]
-        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1), sample["label"]
+        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1), sample["label"], idx
 
 
 def dataset_info(data_cfg) -> DatasetInfo | None:

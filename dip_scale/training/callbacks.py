@@ -21,11 +21,14 @@ log = logging.getLogger(__name__)
 class MetricsJSONL(Callback):
     """Appends one JSON object per logged step to <run_dir>/metrics.jsonl (rank 0): `step` is the
     number of completed batches, the losses are Composer's all-rank means, plus the learning
-    rate, epoch, samples seen and wall-clock time. On resume, lines written after the checkpoint
-    the run restarts from are dropped, so the file reads like one uninterrupted run."""
+    rate, epoch, samples seen and wall-clock time; with `sample_ids`, the sorted ids of the global
+    batch's samples too (a data-order audit: a gather over the ranks per logged step). On
+    resume, lines written after the checkpoint the run restarts from are dropped, so the file
+    reads like one uninterrupted run."""
 
-    def __init__(self, path: str, interval: str):
+    def __init__(self, path: str, interval: str, sample_ids: bool = False):
         self.path = path
+        self.sample_ids = sample_ids
         self.should_log = create_interval_scheduler(interval, include_end_of_training=True, checkpoint_events=False)
         self._last: Optional[tuple[float, int]] = None  # (time, samples) at the previous line
 
@@ -42,9 +45,16 @@ class MetricsJSONL(Callback):
             f.writelines(kept)
 
     def batch_end(self, state: State, logger: Logger) -> None:
-        if not self.should_log(state, Event.BATCH_END) or dist.get_global_rank() != 0:
+        if not self.should_log(state, Event.BATCH_END):
+            return
+        ids = None
+        if self.sample_ids:  # every rank takes part
+            ids = sorted(i for part in dist.all_gather_object(state.batch[2].tolist()) for i in part)
+        if dist.get_global_rank() != 0:
             return
         row = {"step": state.timestamp.batch.value, "epoch": state.timestamp.epoch.value, "sample": state.timestamp.sample.value}
+        if ids is not None:
+            row["sample_ids"] = ids
         for key, value in (state.total_loss_dict or {}).items():
             name = key.split("/")[-1]
             row["loss" if name == "total" else f"loss_{name}"] = value

@@ -116,7 +116,7 @@ def build(cfg: ExperimentConfig, rt: Runtime) -> Run:
     from dip_scale.training.callbacks import MetricsJSONL, NonFiniteGuard, RunConfig, SampleGrid
     from dip_scale.training.checkpoint import record_step, resolve_resume
     from dip_scale.training.composer_internals import RecordingCheckpointSaver, RestoreRNG
-    from dip_scale.training.composer_model import DiPComposerModel
+    from dip_scale.training.composer_model import DiPComposerModel, TrainingStep
     from dip_scale.training.deepspeed import precision_for, skip_cpu_shm_op
     from dip_scale.training.ema import EMA
 
@@ -152,7 +152,7 @@ def build(cfg: ExperimentConfig, rt: Runtime) -> Run:
         compute["repa_encoder_gmacs_per_image"] = encoder_macs_per_image(repa.encoder) / 1e9
     log.info("MFU counts %.2f GMACs/image forward (x3 with backward) of what is trained%s", compute["trained_gmacs_per_image"],
              f"; the frozen REPA encoder's {compute['repa_encoder_gmacs_per_image']:.2f} GMACs/image are not in it" if repa else "")
-    composer_model = DiPComposerModel(model, objective, compute["trained_gmacs_per_image"] * 1e9)
+    composer_model = DiPComposerModel(model, objective, compute["trained_gmacs_per_image"] * 1e9, seed=cfg.seed)
     init_weights = None
     if t.init_from and load_path is None:
         from dip_scale.training.init_from import load_init_weights
@@ -175,11 +175,12 @@ def build(cfg: ExperimentConfig, rt: Runtime) -> Run:
     grid = SampleGrid(ema, cfg.sampler, cfg.logging.sample_interval, _sample_classes(cfg), cfg.logging.sample_seed,
                       os.path.join(rt.run_dir, "samples"), class_names=[c["name"] for c in info.classes] if info else None)
     callbacks = [
-        NonFiniteGuard(),  # first: stops before anything else records a non-finite step
+        TrainingStep(composer_model),
+        NonFiniteGuard(),  # first to see a batch's end: stops before anything else records a non-finite step
         ema,
         rng,
         RunConfig({**to_dict(cfg), "compute": compute}),
-        MetricsJSONL(os.path.join(rt.run_dir, "metrics.jsonl"), cfg.logging.metrics_interval),
+        MetricsJSONL(os.path.join(rt.run_dir, "metrics.jsonl"), cfg.logging.metrics_interval, cfg.logging.sample_ids),
         grid,
         SpeedMonitor(window_size=50, gpu_flops_available=cfg.logging.peak_flops),
     ]

@@ -15,13 +15,6 @@ import dip_scale.data.streaming as loader_module
 from dip_scale.config import DataConfig
 
 
-class Traced(loader_module.ImageNetMDS):
-    """The real decode path, plus the global sample id so the test can tell samples apart."""
-
-    def __getitem__(self, idx):
-        image, label = super().__getitem__(idx)
-        return image, label, idx
-
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -42,7 +35,6 @@ def main() -> None:
 
     dist.initialize_dist(DeviceCPU())
 
-    loader_module.ImageNetMDS = Traced  # build the loader exactly as training does, with ids traced
     cfg = DataConfig(remote=args.remote, split=args.split, batch_size=args.batch * world, num_workers=args.workers)
     loader = loader_module.build_train_dataloader(cfg, device_batch_size=args.batch, seed=17, cache_dir=os.path.join(args.out_dir, "cache"))
     if args.resume:
