@@ -181,7 +181,7 @@ def bench_loader(data: str, images: int) -> dict:
         ds = build_dataset(DataConfig(remote=data, shuffle=False), device_batch_size=16, seed=0, cache_dir=cache)
         loader = DataLoader(ds, batch_size=16, num_workers=1)
         n, t0 = 0, None
-        for i, (x, _) in enumerate(loader):
+        for i, (x, *_) in enumerate(loader):
             if i == 1:
                 t0, n = time.perf_counter(), 0  # the worker's start-up is not throughput
             n += x.shape[0]
