@@ -150,6 +150,9 @@ class EvalConfig:
     # mean/covariance of the reference set (.npz with mu, sigma: ADM's VIRTUAL_imagenet256_labeled.npz
     # or tools/make_fid_stats.py output); local path or s3://
     reference_stats: Optional[str] = None
+    # the reference records no (or another) Inception network, e.g. ADM's: compare anyway; the
+    # result's protocol says so (without it such a reference is refused)
+    foreign_reference: bool = False
     seed: int = 0  # sample i uses noise seed seed + i
     device: Literal["auto", "cpu", "gpu"] = "auto"  # of the eval job
     processes: int = 0  # sampling processes of the eval job, one per GPU (0: every visible GPU; 1 on CPU)

@@ -20,7 +20,7 @@ from training_helpers import logs, run, tiny_overrides
 
 from dip_scale import storage
 from dip_scale.config import EvalConfig, KubernetesConfig, ModelConfig, SamplerConfig
-from dip_scale.eval.features import FeatureStats, load_feature_extractor, load_reference, save_reference
+from dip_scale.eval.features import FeatureStats, load_feature_extractor, load_reference, save_reference, sha256_of
 
 
 def _images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
@@ -176,7 +176,7 @@ def test_fid_job_through_s3_matches_clean_fid_on_the_same_samples(standin_incept
     ref_stats = FeatureStats()
     ref_stats.add(load_feature_extractor(standin_inception, "clean", torch.device("cpu"))(_images(40, seed=1)))
     reference = f"{s3['url']}/fid/ref.npz"
-    save_reference(reference, ref_stats, feature_mode="clean")
+    save_reference(reference, ref_stats, feature_mode="clean", inception_sha256=sha256_of(standin_inception))
     env = env_with_repo_on_path(**s3["env"])
     common = ["--reference", reference, "--inception", standin_inception, "--num-samples", "24", "--batch-size", "10",
               "--steps", "3", "--cfg-scale", "2.0", "--feature-mode", "clean", "--seed", "5", "--device", "cpu"]
@@ -216,10 +216,42 @@ def test_fid_job_bad_inputs_fail_early_with_the_reason(standin_inception, tmp_pa
     _tiny_model_file(model_file)
     stats = FeatureStats()
     stats.add(np.random.default_rng(0).normal(size=(4, 2048)))
-    save_reference(str(tmp_path / "ref.npz"), stats, feature_mode="clean")
+    own = sha256_of(standin_inception)
+    save_reference(str(tmp_path / "ref.npz"), stats, feature_mode="clean", inception_sha256=own, image_size=32)
     args = ["--inception", standin_inception, "--out", str(tmp_path / "r.json"), "--num-samples", "4", "--device", "cpu"]
     proc = _fid_cli(model_file, "--reference", str(tmp_path / "ref.npz"), "--feature-mode", "legacy_tensorflow", *args)
     assert proc.returncode == 2 and "holds 'clean' features" in proc.stderr
+    # a reference of another network or resolution is refused with both named; one that records
+    # no network (ADM's) only with --foreign-reference, and the result says so
+    save_reference(str(tmp_path / "other.npz"), stats, feature_mode="clean", inception_sha256="ab" * 32)
+    proc = _fid_cli(model_file, "--reference", str(tmp_path / "other.npz"), "--feature-mode", "clean", *args)
+    assert proc.returncode == 2 and "ab" * 32 in proc.stderr and own in proc.stderr and "--foreign-reference" in proc.stderr
+    save_reference(str(tmp_path / "big.npz"), stats, feature_mode="clean", inception_sha256=own, image_size=256)
+    proc = _fid_cli(model_file, "--reference", str(tmp_path / "big.npz"), "--feature-mode", "clean", *args)
+    assert proc.returncode == 2 and "256 px" in proc.stderr and "32 px" in proc.stderr
+    adm = tmp_path / "VIRTUAL_imagenet256_labeled.npz"
+    np.savez(adm, mu=np.zeros(2048), sigma=np.eye(2048))
+    proc = _fid_cli(model_file, "--reference", str(adm), "--feature-mode", "clean", *args)
+    assert proc.returncode == 2 and "records no Inception network" in proc.stderr
+    assert not (tmp_path / "r.json").exists()
+    proc = _fid_cli(model_file, "--reference", str(adm), "--feature-mode", "clean", "--foreign-reference", *args)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["reference"]["foreign"] is True
+    (tmp_path / "r.json").unlink()
+    # files that are not what they claim: one line naming the file, no traceback
+    (tmp_path / "text.npz").write_text("mu,sigma\n1,2\n")
+    proc = _fid_cli(model_file, "--reference", str(tmp_path / "text.npz"), *args)
+    assert proc.returncode == 2 and "text.npz: not an .npz file" in proc.stderr and "allow_pickle" not in proc.stderr
+    bad_net = tmp_path / "net" / Path(standin_inception).name
+    bad_net.parent.mkdir()
+    bad_net.write_bytes(Path(standin_inception).read_bytes()[:1000])
+    proc = _fid_cli(model_file, "--reference", str(tmp_path / "ref.npz"), "--feature-mode", "clean",
+                    *[str(bad_net) if a == standin_inception else a for a in args])
+    assert proc.returncode == 2 and "was built with Inception sha256" in proc.stderr  # caught by its hash first
+    proc = _fid_cli(model_file, "--reference", str(adm), "--feature-mode", "clean", "--foreign-reference",
+                    *[str(bad_net) if a == standin_inception else a for a in args])
+    assert proc.returncode == 2 and "not a TorchScript Inception network" in proc.stderr and str(bad_net) in proc.stderr
+    assert "Traceback" not in proc.stderr
     proc = _fid_cli(model_file, "--reference", str(tmp_path / "missing.npz"), *args)
     assert proc.returncode == 2 and "reference statistics not found" in proc.stderr
     np.savez(tmp_path / "junk.npz", a=np.zeros(3))
@@ -242,7 +274,7 @@ def test_training_dispatches_a_local_fid_job_per_checkpoint(tiny_mds, standin_in
     reference = tmp_path / "ref.npz"
     stats = FeatureStats()
     stats.add(load_feature_extractor(standin_inception, "clean", torch.device("cpu"))(_images(32)))
-    save_reference(str(reference), stats, feature_mode="clean")
+    save_reference(str(reference), stats, feature_mode="clean", inception_sha256=sha256_of(standin_inception))
     ckpt = tmp_path / "ckpt"
     args = _eval_overrides(tiny_mds, tmp_path, str(ckpt), str(reference), standin_inception)
     run([*args, "eval.wait_at_end=false"], cwd=tmp_path)
@@ -328,7 +360,7 @@ def test_training_creates_a_kubernetes_job_per_checkpoint_whose_command_works(ti
     reference = f"{s3['url']}/fid/ref.npz"
     stats = FeatureStats()
     stats.add(load_feature_extractor(standin_inception, "clean", torch.device("cpu"))(_images(32)))
-    save_reference(reference, stats, feature_mode="clean")
+    save_reference(reference, stats, feature_mode="clean", inception_sha256=sha256_of(standin_inception))
     save_folder = f"{s3['url']}/runs/{{run_name}}/checkpoints"
     run(_eval_overrides(tiny_mds, tmp_path, save_folder, reference, standin_inception, **{
         "eval.backend": "kubernetes", "eval.kubernetes.api_server": kube_api["url"], "eval.kubernetes.namespace": "ml"}),
@@ -359,7 +391,7 @@ def test_eval_dispatch_problems_fail_early_or_never_stop_training(tiny_mds, stan
     reference = tmp_path / "ref.npz"
     stats = FeatureStats()
     stats.add(np.random.default_rng(0).normal(size=(4, 2048)))
-    save_reference(str(reference), stats, feature_mode="clean")
+    save_reference(str(reference), stats, feature_mode="clean", inception_sha256=sha256_of(standin_inception))
     args = _eval_overrides(tiny_mds, tmp_path, str(tmp_path / "ckpt"), str(reference), standin_inception,
                            **{"eval.backend": "kubernetes", "trainer.max_duration": "10ba"})
     env = {k: v for k, v in env_with_repo_on_path().items() if k != "KUBERNETES_SERVICE_HOST"}

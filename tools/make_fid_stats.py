@@ -5,7 +5,7 @@
 
 Reads the MDS split written by tools/convert_imagenet_mds.py (already ADM centre-cropped, so the
 reference sees exactly the preprocessing the model trained on) and writes an .npz with `mu`,
-`sigma` and a JSON `meta` (feature mode, image count, source, Inception sha256) that
+`sigma` and a JSON `meta` (feature mode, image count, resolution, source, Inception sha256) that
 `eval.reference_stats` points at. Paper-comparable numbers use ADM's own
 VIRTUAL_imagenet256_labeled.npz instead (its mu/sigma are read the same way).
 """
@@ -46,6 +46,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as cache:
             data = build_dataset(DataConfig(remote=args.data, split=args.split, shuffle=False), device_batch_size=1, seed=0, cache_dir=cache)
             n = len(data) if args.limit is None else min(args.limit, len(data))
+            size = int(data[0][0].shape[-1])  # square images (the converter's resolution)
             stats = FeatureStats()
             for start in tqdm(range(0, n, args.batch_size), desc="reference features", unit="batch"):
                 images = np.stack([data[i][0].permute(1, 2, 0).numpy() for i in range(start, min(start + args.batch_size, n))])
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
         print(f"make_fid_stats: {e}", file=sys.stderr)
         return 2
     save_reference(args.out, stats, feature_mode=args.feature_mode, source=storage.join(args.data, args.split),
-                   inception_sha256=sha256_of(args.inception))
+                   inception_sha256=sha256_of(args.inception), image_size=size)
     print(f"{stats.n} images -> {args.out}")
     return 0
 

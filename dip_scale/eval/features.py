@@ -40,7 +40,12 @@ def load_feature_extractor(weights: str, mode: str, device: torch.device) -> Cal
         raise FileNotFoundError(f"Inception weights: expected a local file named {INCEPTION_FILENAME}, got {weights}")
     if mode not in ("clean", "legacy_tensorflow"):
         raise ValueError(f"feature mode must be 'clean' or 'legacy_tensorflow', got {mode!r}")
-    net = InceptionV3W(os.path.dirname(os.path.abspath(weights)), download=False, resize_inside=mode == "legacy_tensorflow")
+    try:
+        net = InceptionV3W(os.path.dirname(os.path.abspath(weights)), download=False, resize_inside=mode == "legacy_tensorflow")
+    except RuntimeError as e:  # torch.jit.load's "PytorchStreamReader failed ..." names no file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{weights}: not a TorchScript Inception network ({first}); expected clean-fid's "
+                         f"{INCEPTION_FILENAME}") from None
     net = net.to(device).eval()
     resize = build_resizer(mode)
 
@@ -111,6 +116,8 @@ def load_reference(path: str) -> tuple[np.ndarray, np.ndarray, dict]:
     if data is None:
         raise FileNotFoundError(f"reference statistics not found: {path}")
     digest = hashlib.sha256(data).hexdigest()
+    if not data.startswith(b"PK"):  # an .npz is a zip archive; np.load would blame allow_pickle
+        raise ValueError(f"{path}: not an .npz file (expected a zip archive holding mu and sigma)")
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         missing = [k for k in ("mu", "sigma") if k not in z.files]
         if missing:
@@ -120,3 +127,25 @@ def load_reference(path: str) -> tuple[np.ndarray, np.ndarray, dict]:
     if mu.shape != (FEATURE_DIM,) or sigma.shape != (FEATURE_DIM, FEATURE_DIM):
         raise ValueError(f"{path}: expected mu ({FEATURE_DIM},) and sigma ({FEATURE_DIM}, {FEATURE_DIM}), got {mu.shape} and {sigma.shape}")
     return mu, sigma, {**meta, "sha256": digest}
+
+
+def reference_problem(path: str, meta: dict, *, inception_sha256: str, feature_mode: str,
+                      image_size: Optional[int], foreign: bool) -> Optional[str]:
+    """Why reference statistics `meta` (from load_reference) cannot be compared with features of
+    this network, mode and resolution, or None. A reference without a record of its network
+    (ADM's batches, older files) is usable only as an explicit foreign reference: nothing then
+    proves the features match, and the result's protocol says so (docs/evaluation.md)."""
+    if foreign:
+        return None
+    recorded = meta.get("inception_sha256")
+    if recorded is None:
+        return (f"{path} records no Inception network (e.g. ADM's reference batch); to compare with it anyway "
+                f"pass --foreign-reference (eval.foreign_reference: true)")
+    if recorded != inception_sha256:
+        return (f"{path} was built with Inception sha256 {recorded}, this evaluation uses {inception_sha256}; "
+                f"rebuild it with tools/make_fid_stats.py or pass --foreign-reference")
+    if meta.get("feature_mode", feature_mode) != feature_mode:
+        return f"{path} holds {meta['feature_mode']!r} features; this evaluation uses {feature_mode!r}"
+    if image_size is not None and meta.get("image_size", image_size) != image_size:
+        return f"{path} holds features of {meta['image_size']} px images; the model generates {image_size} px"
+    return None

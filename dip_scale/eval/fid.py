@@ -109,18 +109,24 @@ def evaluate(
     processes: int = 0,
     grid: Optional[str] = None,
     progress: bool = True,
+    foreign_reference: bool = False,
 ) -> dict:
     """-> the result record (FID + protocol). `processes`: sampling processes, one per GPU
     (0: every visible GPU, 1 on CPU). `grid`: also write the first batch as a PNG there."""
     from cleanfid.fid import frechet_distance
 
-    from dip_scale.eval.features import FeatureStats, load_reference, sha256_of
+    from dip_scale.eval.features import FeatureStats, load_reference, reference_problem, sha256_of
+    from dip_scale.models.export import read_model_header
 
     t0 = time.time()
     dev = resolve_device(device)
     mu_ref, sigma_ref, ref_meta = load_reference(reference)  # cheap checks first
-    if ref_meta.get("feature_mode", feature_mode) != feature_mode:
-        raise ValueError(f"{reference} holds {ref_meta['feature_mode']!r} features; this evaluation uses {feature_mode!r}")
+    inception_sha256 = sha256_of(inception)
+    image_size = None if storage.is_s3(model_file) else read_model_header(model_file)[0].image_size
+    problem = reference_problem(reference, ref_meta, inception_sha256=inception_sha256, feature_mode=feature_mode,
+                                image_size=image_size, foreign=foreign_reference)
+    if problem:
+        raise ValueError(problem)
     world = processes or (torch.cuda.device_count() if dev.type == "cuda" else 1)
     if dev.type == "cuda" and world > torch.cuda.device_count():
         raise ValueError(f"{world} processes requested but only {torch.cuda.device_count()} GPU(s) are visible")
@@ -150,8 +156,8 @@ def evaluate(
         "model_file": model_file,
         "num_samples": num_samples,
         "feature_mode": feature_mode,
-        "inception": {"path": inception, "sha256": sha256_of(inception)},
-        "reference": {"path": reference, **ref_meta},
+        "inception": {"path": inception, "sha256": inception_sha256},
+        "reference": {"path": reference, **ref_meta, "foreign": foreign_reference},
         "sampler": {"method": sampler.method, "steps": sampler.steps, "cfg_scale": sampler.cfg_scale, "cfg_interval": list(sampler.cfg_interval)},
         "seed": seed,
         "device": str(dev),
@@ -169,7 +175,7 @@ def command(model_file: str, out: str, ev: EvalConfig, sampler: SamplerConfig, g
             "--feature-mode", ev.feature_mode, "--method", sampler.method, "--steps", str(sampler.steps),
             "--cfg-scale", str(sampler.cfg_scale), "--cfg-interval", ",".join(map(str, sampler.cfg_interval)),
             "--seed", str(ev.seed), "--device", ev.device, "--processes", str(ev.processes)]
-    return argv + (["--grid", grid] if grid else [])
+    return argv + (["--grid", grid] if grid else []) + (["--foreign-reference"] if ev.foreign_reference else [])
 
 
 def main(argv=None) -> int:
@@ -188,6 +194,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cfg-scale", type=float, default=s.cfg_scale)
     ap.add_argument("--cfg-interval", default=",".join(map(str, s.cfg_interval)), help="low,high in t (t = 1 is noise)")
     ap.add_argument("--seed", type=int, default=e.seed)
+    ap.add_argument("--foreign-reference", action="store_true",
+                    help="compare with a reference that records no (or another) Inception network, e.g. ADM's VIRTUAL_*.npz")
     ap.add_argument("--device", default=e.device, choices=["auto", "cpu", "gpu"])
     ap.add_argument("--processes", type=int, default=e.processes, help="sampling processes, one per GPU (0: every visible GPU; 1 on CPU)")
     args = ap.parse_args(argv)
@@ -201,7 +209,8 @@ def main(argv=None) -> int:
     try:
         result = evaluate(args.model_file, args.reference, args.inception, num_samples=args.num_samples,
                           batch_size=args.batch_size, feature_mode=args.feature_mode, sampler=sampler,
-                          seed=args.seed, device=args.device, processes=args.processes, grid=args.grid)
+                          seed=args.seed, device=args.device, processes=args.processes, grid=args.grid,
+                          foreign_reference=args.foreign_reference)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"dip_scale.eval.fid: {err}", file=sys.stderr)
         return 2
