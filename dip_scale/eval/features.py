@@ -135,17 +135,15 @@ def reference_problem(path: str, meta: dict, *, inception_sha256: str, feature_m
     this network, mode and resolution, or None. A reference without a record of its network
     (ADM's batches, older files) is usable only as an explicit foreign reference: nothing then
     proves the features match, and the result's protocol says so (docs/evaluation.md)."""
-    if foreign:
-        return None
-    recorded = meta.get("inception_sha256")
-    if recorded is None:
-        return (f"{path} records no Inception network (e.g. ADM's reference batch); to compare with it anyway "
-                f"pass --foreign-reference (eval.foreign_reference: true)")
-    if recorded != inception_sha256:
-        return (f"{path} was built with Inception sha256 {recorded}, this evaluation uses {inception_sha256}; "
-                f"rebuild it with tools/make_fid_stats.py or pass --foreign-reference")
     if meta.get("feature_mode", feature_mode) != feature_mode:
         return f"{path} holds {meta['feature_mode']!r} features; this evaluation uses {feature_mode!r}"
     if image_size is not None and meta.get("image_size", image_size) != image_size:
         return f"{path} holds features of {meta['image_size']} px images; the model generates {image_size} px"
-    return None
+    recorded = meta.get("inception_sha256")
+    if foreign or recorded == inception_sha256:
+        return None
+    if recorded is None:
+        return (f"{path} records no Inception network (e.g. ADM's reference batch); to compare with it anyway "
+                f"pass --foreign-reference (eval.foreign_reference: true)")
+    return (f"{path} was built with Inception sha256 {recorded}, this evaluation uses {inception_sha256}; "
+            f"rebuild it with tools/make_fid_stats.py or pass --foreign-reference")
