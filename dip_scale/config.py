@@ -18,7 +18,7 @@ import yaml
 
 from dip_scale.models.presets import PRESETS
 from dip_scale.models.spec import HeadConfig, ModelConfig, model_problems
-from dip_scale.schema import ConfigError, build, build_section, time_string_problem
+from dip_scale.schema import ConfigError, apply_override, build, build_section, read_yaml, time_string_problem
 
 __all__ = ["ConfigError", "ExperimentConfig", "HeadConfig", "ModelConfig", "build_section", "load_config", "to_dict", "to_yaml"]
 
@@ -198,7 +198,7 @@ def load_config(path: Optional[str], overrides: tuple[str, ...] | list[str] = ()
     """Read `path` (None: all defaults), apply `key.sub=value` overrides, build and validate."""
     raw: dict[str, Any] = {}
     if path is not None:
-        raw = _read_yaml(path)
+        raw = read_yaml(path)
     if overrides:
         # free-form sections (deepspeed) absent from the YAML start from their defaults, so an
         # override such as deepspeed.zero_optimization.stage=3 edits them instead of replacing them
@@ -206,7 +206,7 @@ def load_config(path: Optional[str], overrides: tuple[str, ...] | list[str] = ()
             if get_origin(get_type_hints(ExperimentConfig)[f.name]) is dict and f.name not in raw:
                 raw[f.name] = f.default_factory()
     for item in overrides:
-        _apply_override(raw, item)
+        apply_override(raw, item)
     errors: list[str] = []
     cfg = build(ExperimentConfig, raw, "", errors)
     if not errors:
@@ -215,25 +215,6 @@ def load_config(path: Optional[str], overrides: tuple[str, ...] | list[str] = ()
         where = f" in {path}" if path else ""
         raise ConfigError(f"invalid config{where}:\n  " + "\n  ".join(errors))
     return cfg
-
-
-def load_model_config(path: Optional[str], overrides: tuple[str, ...] | list[str] = ()) -> ModelConfig:
-    """The `model:` section of an experiment YAML (with `base:` and `model.*` overrides), checked
-    on its own: for tools that need the architecture only (importing or summarising weights),
-    so the rest of a paper YAML need not fit the model being described."""
-    raw = _read_yaml(path) if path is not None else {}
-    foreign = [o for o in overrides if not o.strip().startswith("model.")]
-    if foreign:
-        raise ConfigError(f"only model.* overrides apply here, got {', '.join(foreign)}")
-    for item in overrides:
-        _apply_override(raw, item)
-    errors: list[str] = []
-    model = build(ModelConfig, raw.get("model") or {}, "model.", errors)
-    errors = errors or model_problems(model)
-    if errors:
-        where = f" in {path}" if path else ""
-        raise ConfigError(f"invalid config{where}:\n  " + "\n  ".join(errors))
-    return model
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -249,60 +230,6 @@ def split_argv(argv: list[str]) -> tuple[Optional[str], list[str]]:
     if argv and "=" not in argv[0]:
         return argv[0], list(argv[1:])
     return None, list(argv)
-
-
-def _read_yaml(path: str, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Parse a YAML mapping; a top-level `base: other.yaml` (relative to this file) is read first
-    and this file's keys are merged over it (mappings merge deeply, other values replace)."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}" + (f" (base of {_chain[-1]})" if _chain else ""))
-    if os.path.abspath(path) in _chain:
-        raise ConfigError(f"{path}: `base` chain loops: {' -> '.join(_chain + (os.path.abspath(path),))}")
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
-    base = raw.pop("base", None)
-    if base is None:
-        return raw
-    if not isinstance(base, str):
-        raise ConfigError(f"{path}: base: expected the path of another YAML file, got {base!r}")
-    parent = _read_yaml(os.path.join(os.path.dirname(path), base), _chain + (os.path.abspath(path),))
-    return _deep_merge(parent, raw)
-
-
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _apply_override(raw: dict[str, Any], item: str) -> None:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} is not of the form key.path=value (e.g. model.head.placement=hybrid)")
-    key, _, text = item.partition("=")
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"override {item!r}: empty key segment in {key!r}")
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        value = text
-    node = raw
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {item!r}: {part!r} holds a value, not a section")
-        node = child
-    node[parts[-1]] = value
 
 
 # --------------------------------------------------------------------------------------------

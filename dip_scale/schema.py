@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import types
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
 
 _TIME_RE = re.compile(r"^\d+(\.\d+)?(ep|ba|sp|tok|dur)$")
 
@@ -139,3 +142,60 @@ def _coerce(tp, value: Any, key: str, errors: list[str]):
         errors.append(f"{key}: expected a string, got {value!r}")
         return ""
     raise TypeError(f"unsupported config type {tp} at {key}")  # a schema bug, not a user error
+
+
+# --------------------------------------------------------------------------------------------
+# The YAML front door: `base:` inheritance and dotted overrides
+# --------------------------------------------------------------------------------------------
+def read_yaml(path: str, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Parse a YAML mapping; a top-level `base: other.yaml` (relative to this file) is read first
+    and this file's keys are merged over it (mappings merge deeply, other values replace)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}" + (f" (base of {_chain[-1]})" if _chain else ""))
+    if os.path.abspath(path) in _chain:
+        raise ConfigError(f"{path}: `base` chain loops: {' -> '.join(_chain + (os.path.abspath(path),))}")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected the path of another YAML file, got {base!r}")
+    parent = read_yaml(os.path.join(os.path.dirname(path), base), _chain + (os.path.abspath(path),))
+    return deep_merge(parent, raw)
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.path=value (e.g. model.head.placement=hybrid)")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r}: empty key segment in {key!r}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} holds a value, not a section")
+        node = child
+    node[parts[-1]] = value

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from conftest import PYTHON, ROOT, env_with_repo_on_path
-from dip_scale.config import load_model_config
+from dip_scale.models.spec import load_model_config
 from dip_scale.models import build_model
 from dip_scale.models.blocks import TimestepEmbedder
 from dip_scale.models.export import load_model_file, read_model_file

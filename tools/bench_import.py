@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from dip_scale.config import load_model_config
+from dip_scale.models.spec import load_model_config
 from dip_scale.models import build_model
 from dip_scale.models.released import released_rules, import_checkpoint
 

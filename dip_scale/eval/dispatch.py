@@ -1,6 +1,6 @@
 """Dispatch an FID job for every EMA export (one per checkpoint) and collect the results.
 
-Training never waits on FID (DESIGN §7): on rank 0, right after the EMA file of a checkpoint is
+Training never waits on FID (docs/architecture.md, "Checkpoint → export → eval → log"): on rank 0, right after the EMA file of a checkpoint is
 written, the `python -m dip_scale.eval.fid ...` command is handed to a backend:
 
 * `local`: a child process on this machine (its own session, so a killed training run does

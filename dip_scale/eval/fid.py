@@ -1,6 +1,6 @@
 """FID of one model file: class-balanced samples from the paper's sampler, streamed through
 clean-fid's Inception into running statistics, compared with reference statistics by clean-fid's
-`frechet_distance`. The result is stored with its whole protocol (DESIGN §5).
+`frechet_distance`. The result is stored with its whole protocol (docs/evaluation.md).
 
     python -m dip_scale.eval.fid MODEL_FILE --reference REF.npz \\
         --inception /opt/dip_scale/weights/inception-2015-12-05.pt --out RESULT.json \\

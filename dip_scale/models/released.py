@@ -231,7 +231,8 @@ def import_checkpoint(ckpt: str, model_cfg, out: str, weights: str = "ema", say:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from dip_scale.config import ConfigError, load_model_config
+    from dip_scale.models.spec import load_model_config
+    from dip_scale.schema import ConfigError
 
     ap = argparse.ArgumentParser(prog="import_released_checkpoint", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

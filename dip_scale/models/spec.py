@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from dip_scale.models.presets import PRESETS, TrunkSpec, resolve_trunk
-from dip_scale.schema import not_a_choice
+from dip_scale.schema import ConfigError, apply_override, build, not_a_choice, read_yaml
 
 HeadType = Literal["conv_unet", "mlp", "coord_mlp", "patch_attention", "none"]
 Placement = Literal["post_hoc", "intermediate", "hybrid"]
@@ -121,3 +121,22 @@ def model_problems(m: ModelConfig, prefix: str = "model.") -> list[str]:
         if v is not None and v < 1:
             errs.append(f"{prefix}head.{name}: must be >= 1, got {v}")
     return errs
+
+
+def load_model_config(path: Optional[str], overrides: tuple[str, ...] | list[str] = ()) -> ModelConfig:
+    """The `model:` section of an experiment YAML (with `base:` and `model.*` overrides), checked
+    on its own: for tools that need the architecture only (importing or summarising weights),
+    so the rest of a paper YAML need not fit the model being described."""
+    raw = read_yaml(path) if path is not None else {}
+    foreign = [o for o in overrides if not o.strip().startswith("model.")]
+    if foreign:
+        raise ConfigError(f"only model.* overrides apply here, got {', '.join(foreign)}")
+    for item in overrides:
+        apply_override(raw, item)
+    errors: list[str] = []
+    model = build(ModelConfig, raw.get("model") or {}, "model.", errors)
+    errors = errors or model_problems(model)
+    if errors:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid config{where}:\n  " + "\n  ".join(errors))
+    return model

@@ -24,12 +24,9 @@ can produce a checkpoint the trainers will open.
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 import os
-import posixpath
 import tarfile
 from dataclasses import dataclass, field
 from typing import Optional
@@ -38,65 +35,14 @@ from composer.utils import dist, format_name_with_dist
 
 from dip_scale import storage
 from dip_scale.naming import EMA_DIR, EVAL_DIR, Step, is_run_artefact, parse_manifest, parse_tar
+from dip_scale.training.checkpoint_files import (
+    KEY_ENV, CheckpointError, CheckpointRefused, checkpoint_key, fetch, fetch_checked, hash_file,
+)
 
 log = logging.getLogger(__name__)
 
-KEY_ENV = "DIP_SCALE_CHECKPOINT_KEY"
 MANIFEST_FORMAT = "dip_scale.checkpoint.v1"
 _RANK_SHARD = "zero_pp_rank_"
-
-
-class CheckpointError(RuntimeError):
-    """The save folder cannot be resumed from as it is; the message names files and the way out."""
-
-
-class CheckpointRefused(CheckpointError):
-    """A checkpoint failed authentication or holds unsafe members: nothing of it was opened."""
-
-
-def checkpoint_key() -> Optional[bytes]:
-    """The HMAC key from the environment (e.g. a Kubernetes Secret), never from YAML or logs."""
-    value = os.environ.get(KEY_ENV, "")
-    return value.encode() if value else None
-
-
-# --------------------------------------------------------------------------------------------
-# Hashing and checking one tar
-# --------------------------------------------------------------------------------------------
-def _hash(path: str, name: str, key: Optional[bytes], copy_to: Optional[str] = None) -> tuple[int, str, Optional[str]]:
-    """One read of a local file -> (size, sha256, HMAC-SHA256 of name + bytes or None), copying
-    it to `copy_to` on the way when given."""
-    sha = hashlib.sha256()
-    tag = hmac.new(key, name.encode() + b"\0", hashlib.sha256) if key else None
-    size = 0
-    out = open(copy_to, "wb") if copy_to else None
-    try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                size += len(chunk)
-                sha.update(chunk)
-                if tag is not None:
-                    tag.update(chunk)
-                if out is not None:
-                    out.write(chunk)
-    finally:
-        if out is not None:
-            out.close()
-    return size, sha.hexdigest(), tag.hexdigest() if tag else None
-
-
-def unsafe_members(path: str) -> list[str]:
-    """Members Composer's `extractall` would write outside its folder, or that are not plain files
-    or folders. Raises tarfile.TarError / EOFError for a tar that does not read to its end."""
-    bad = []
-    with tarfile.open(path) as t:
-        for m in t.getmembers():
-            parts = m.name.split("/")
-            if m.name.startswith("/") or posixpath.isabs(m.name) or ".." in parts:
-                bad.append(f"{m.name} (outside the checkpoint)")
-            elif not (m.isfile() or m.isdir()):
-                bad.append(f"{m.name} ({'link' if m.issym() or m.islnk() else 'device or special file'})")
-    return bad
 
 
 def record_step(state, local_tar: str, folder: str) -> None:
@@ -104,7 +50,7 @@ def record_step(state, local_tar: str, folder: str) -> None:
     on rank 0, write the step's manifest into `folder` (local or s3://)."""
     step = Step(batch=state.timestamp.batch.value, epoch=state.timestamp.epoch.value)
     name = os.path.basename(local_tar)
-    size, sha, tag = _hash(local_tar, name, checkpoint_key())
+    size, sha, tag = hash_file(local_tar, name, checkpoint_key())
     rows = dist.all_gather_object({"name": name, "size": size, "sha256": sha, "hmac": tag})
     if dist.get_global_rank() != 0:
         return
@@ -182,55 +128,6 @@ def _scan(folder: str, world: int, key: Optional[bytes]) -> tuple[list[Candidate
     return good, bad, artefacts
 
 
-# --------------------------------------------------------------------------------------------
-# Fetching and checking on every rank
-# --------------------------------------------------------------------------------------------
-def _fetch(cand: Candidate, rank: int, local_dir: str, key: Optional[bytes]) -> tuple[str, str]:
-    """Copy rank's tar of `cand` into local_dir and check it -> ("ok" | "damaged" | "forged", path or why)."""
-    name = cand.step.tar(rank)
-    src = cand.tars.get(rank)
-    if src is None:
-        return "damaged", f"{name}: missing"
-    return _fetch_checked(src, name, ((cand.manifest or {}).get("tars") or {}).get(name), local_dir, key)
-
-
-def _fetch_checked(src: str, name: str, rec: Optional[dict], local_dir: str, key: Optional[bytes]) -> tuple[str, str]:
-    """Copy `src` to local_dir/name while hashing it, check it against its record (size, sha256,
-    HMAC when a key is set) and as a tar -> ("ok", local path) | ("damaged" | "forged", why)."""
-    dst = os.path.join(local_dir, name)
-    try:
-        if storage.is_s3(src):
-            storage.download_file(src, dst + ".part")
-            size, sha, tag = _hash(dst + ".part", name, key)
-        else:  # a private copy: what is checked is what Composer opens
-            size, sha, tag = _hash(src, name, key, copy_to=dst + ".part")
-    except OSError as e:
-        _discard(dst + ".part")
-        return "damaged", f"{src}: cannot be read ({e})"
-    if rec is not None:
-        if size != rec.get("size") or sha != rec.get("sha256"):
-            _discard(dst + ".part")
-            return "damaged", f"{src}: {size} bytes with sha256 {sha[:12]}..., the manifest records {rec.get('size')} bytes, {str(rec.get('sha256'))[:12]}..."
-        if key is not None and not hmac.compare_digest(str(rec.get("hmac")), tag):
-            _discard(dst + ".part")
-            return "forged", f"{src}: its authentication tag does not match ({KEY_ENV}): refused before anything in it was opened"
-    try:
-        bad = unsafe_members(dst + ".part")
-    except (tarfile.TarError, EOFError, OSError) as e:
-        _discard(dst + ".part")
-        return "damaged", f"{src}: not a complete tar ({type(e).__name__}: {e})"
-    if bad:
-        _discard(dst + ".part")
-        return "forged", f"{src}: refused: members {', '.join(bad[:5])}"
-    os.replace(dst + ".part", dst)
-    return "ok", dst
-
-
-def _discard(path: str) -> None:
-    if os.path.exists(path):
-        os.remove(path)
-
-
 def _add_rank0_members(rank0_tar: str, mine: str) -> None:
     """Append rank 0's non-shard members (composer_states.pt, mp_rank_00_model_states.pt) that
     ZeRO-1/2 keep only there to this rank's copy, for a node without global rank 0."""
@@ -261,10 +158,10 @@ def _try(cand: Candidate, folder: str, local_dir: str, key: Optional[bytes]) -> 
     if cand.world_size is not None and cand.world_size != world:
         return _try_universal(cand, folder, local_dir, key)
     rank, local_rank = dist.get_global_rank(), dist.get_local_rank()
-    results = [_fetch(cand, rank, local_dir, key)]
+    results = [fetch(cand, rank, local_dir, key)]
     needs_rank0 = local_rank == 0 and rank != 0  # the first rank of a node without global rank 0
     if needs_rank0:
-        results.append(_fetch(cand, 0, local_dir, key))
+        results.append(fetch(cand, 0, local_dir, key))
     if not _outcome(cand, [r for per_rank in dist.all_gather_object(results) for r in per_rank]):
         return None
     if needs_rank0:
@@ -285,7 +182,7 @@ def _try_universal(cand: Candidate, folder: str, local_dir: str, key: Optional[b
     name, rec = status[0][1], status[0][2]
     fetched = ("ok", os.path.join(local_dir, name))
     if dist.get_local_rank() == 0 and dist.get_global_rank() != 0:  # rank 0 made it here; other nodes fetch it
-        fetched = _fetch_checked(storage.join(folder, name), name, rec, local_dir, key)
+        fetched = fetch_checked(storage.join(folder, name), name, rec, local_dir, key)
     if not _outcome(cand, dist.all_gather_object(fetched)):
         return None
     dist.barrier()  # every node's copy is in place before any rank reads it

@@ -41,7 +41,7 @@ def _manifest_digest(manifest: dict) -> str:
 def ensure_universal(cand, folder: str, local_dir: str, key: Optional[bytes]) -> tuple[str, str, Optional[dict]]:
     """Rank 0: the universal form of `cand` in local_dir and in `folder` (made now, or a valid
     cached one) -> ("ok", tar name, record) | ("damaged" | "forged", why, None)."""
-    from dip_scale.training.checkpoint import _fetch, _fetch_checked, _hash
+    from dip_scale.training.checkpoint_files import fetch, fetch_checked, hash_file
 
     tar_name, record_name = cand.step.universal
     source = _manifest_digest(cand.manifest)
@@ -49,7 +49,7 @@ def ensure_universal(cand, folder: str, local_dir: str, key: Optional[bytes]) ->
     if cached:
         rec = json.loads(cached)
         if rec.get("source_manifest_sha256") == source:
-            status, where = _fetch_checked(storage.join(folder, tar_name), tar_name, rec, local_dir, key)
+            status, where = fetch_checked(storage.join(folder, tar_name), tar_name, rec, local_dir, key)
             if status == "ok":
                 log.info("elastic resume: using the universal form of %s cached at %s", cand.step.stem, storage.join(folder, tar_name))
                 return "ok", tar_name, rec
@@ -63,7 +63,7 @@ def ensure_universal(cand, folder: str, local_dir: str, key: Optional[bytes]) ->
     try:
         merged = os.path.join(work, "merged")
         for rank in range(cand.world_size):
-            status, where = _fetch(cand, rank, work, key)
+            status, where = fetch(cand, rank, work, key)
             if status != "ok":
                 return status, where, None
             with tarfile.open(where) as t:  # members checked by _fetch: nothing leaves `merged`
@@ -78,7 +78,7 @@ def ensure_universal(cand, folder: str, local_dir: str, key: Optional[bytes]) ->
         os.replace(local + ".part", local)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    size, sha, tag = _hash(local, tar_name, key)
+    size, sha, tag = hash_file(local, tar_name, key)
     rec = {"format": "dip_scale.universal.v1", "written_by": cand.world_size, "source_manifest_sha256": source,
            "size": size, "sha256": sha, "hmac": tag}
     storage.upload_file(local, storage.join(folder, tar_name))
