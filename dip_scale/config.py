@@ -153,6 +153,12 @@ class EvalConfig:
     # the reference records no (or another) Inception network, e.g. ADM's: compare anyway; the
     # result's protocol says so (without it such a reference is refused)
     foreign_reference: bool = False
+    # the paper's Table 1 columns, from one sampling pass (fid always; docs/evaluation.md)
+    metrics: list[Literal["fid", "sfid", "is", "precision", "recall"]] = field(
+        default_factory=lambda: ["fid", "sfid", "is", "precision", "recall"])
+    # guidance scales to evaluate, one result per (checkpoint, scale); None: the sampler's one scale
+    cfg_scales: Optional[list[float]] = None
+    save_npz: bool = False  # also write each checkpoint's samples as an ADM sample batch (eval/<checkpoint>...samples.npz)
     seed: int = 0  # sample i uses noise seed seed + i
     device: Literal["auto", "cpu", "gpu"] = "auto"  # of the eval job
     processes: int = 0  # sampling processes of the eval job, one per GPU (0: every visible GPU; 1 on CPU)
@@ -291,6 +297,10 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
     for name in ("num_samples", "batch_size", "max_parallel"):
         if getattr(ev, name) < (2 if name == "num_samples" else 1):
             errs.append(f"eval.{name}: must be >= {2 if name == 'num_samples' else 1}, got {getattr(ev, name)}")
+    if "fid" not in ev.metrics or len(set(ev.metrics)) != len(ev.metrics):
+        errs.append(f"eval.metrics: fid is always computed and each metric named once, got {ev.metrics}")
+    if ev.cfg_scales is not None and (not ev.cfg_scales or any(c < 0 for c in ev.cfg_scales) or len(set(ev.cfg_scales)) != len(ev.cfg_scales)):
+        errs.append(f"eval.cfg_scales: a non-empty list of distinct scales >= 0 (1.0: no guidance), or null for sampler.cfg_scale; got {ev.cfg_scales}")
     if ev.processes < 0:
         errs.append(f"eval.processes: must be >= 0 (0: every visible GPU), got {ev.processes}")
     if ev.kubernetes.gpus < 0:

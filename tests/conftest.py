@@ -151,3 +151,19 @@ def clean_run(tiny_mds, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("clean")
     run(tiny_overrides(tiny_mds, root / "run", str(root / "ckpt")), cwd=root)
     return {"run": root / "run", "ckpt": root / "ckpt", "ema": at_step(root / "ckpt", "ema/ep*-ba{step}.safetensors", LAST)}
+
+
+def write_reference(path: str, inception: str, images, mode: str = "clean", **meta) -> str:
+    """Reference statistics of `images` (uint8 N x H x W x 3) for every metric of the suite, as
+    tools/make_fid_stats.py writes them (pool and spatial statistics, pool features for P/R)."""
+    import torch
+
+    from dip_scale.eval.features import SPATIAL_DIM, FeatureStats, InceptionFeatures, save_reference, sha256_of
+
+    f = InceptionFeatures(inception, mode, torch.device("cpu"))(images)
+    pool, spatial = FeatureStats(), FeatureStats(SPATIAL_DIM)
+    pool.add(f["pool"])
+    spatial.add(f["spatial"])
+    save_reference(path, pool, spatial, pr_features=f["pool"], feature_mode=mode, inception_sha256=sha256_of(inception), **meta)
+    return path
+

@@ -203,7 +203,7 @@ def test_dinov2_loads_from_a_local_file_and_encodes(fake_dinov2_weights, tmp_pat
     x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     assert torch.allclose(feats, ref(x), atol=1e-5)
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match=r"objective.repa.weights: .*bad.pth is not a checkpoint of tensors"):
         DINOv2Encoder.from_checkpoint(str(tmp_path / "bad.pth"))
     with pytest.raises(FileNotFoundError, match="objective.repa.weights"):
         DINOv2Encoder.from_checkpoint(str(tmp_path / "missing.pth"))

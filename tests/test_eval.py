@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import PYTHON, ROOT, env_with_repo_on_path
+from conftest import PYTHON, ROOT, env_with_repo_on_path, write_reference
 from training_helpers import logs, run, tiny_overrides
 
 from dip_scale import storage
@@ -173,10 +173,7 @@ def test_fid_job_through_s3_matches_clean_fid_on_the_same_samples(standin_incept
 
     model_file = f"{s3['url']}/run/checkpoints/ema/ep1-ba7.safetensors"
     _tiny_model_file(model_file)
-    ref_stats = FeatureStats()
-    ref_stats.add(load_feature_extractor(standin_inception, "clean", torch.device("cpu"))(_images(40, seed=1)))
-    reference = f"{s3['url']}/fid/ref.npz"
-    save_reference(reference, ref_stats, feature_mode="clean", inception_sha256=sha256_of(standin_inception))
+    reference = write_reference(f"{s3['url']}/fid/ref.npz", standin_inception, _images(40, seed=1))
     env = env_with_repo_on_path(**s3["env"])
     common = ["--reference", reference, "--inception", standin_inception, "--num-samples", "24", "--batch-size", "10",
               "--steps", "3", "--cfg-scale", "2.0", "--feature-mode", "clean", "--seed", "5", "--device", "cpu"]
@@ -234,7 +231,7 @@ def test_fid_job_bad_inputs_fail_early_with_the_reason(standin_inception, tmp_pa
     proc = _fid_cli(model_file, "--reference", str(adm), "--feature-mode", "clean", *args)
     assert proc.returncode == 2 and "records no Inception network" in proc.stderr
     assert not (tmp_path / "r.json").exists()
-    proc = _fid_cli(model_file, "--reference", str(adm), "--feature-mode", "clean", "--foreign-reference", *args)
+    proc = _fid_cli(model_file, "--reference", str(adm), "--feature-mode", "clean", "--foreign-reference", "--metrics", "fid", *args)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "r.json").read_text())["reference"]["foreign"] is True
     (tmp_path / "r.json").unlink()
@@ -248,7 +245,7 @@ def test_fid_job_bad_inputs_fail_early_with_the_reason(standin_inception, tmp_pa
     proc = _fid_cli(model_file, "--reference", str(tmp_path / "ref.npz"), "--feature-mode", "clean",
                     *[str(bad_net) if a == standin_inception else a for a in args])
     assert proc.returncode == 2 and "was built with Inception sha256" in proc.stderr  # caught by its hash first
-    proc = _fid_cli(model_file, "--reference", str(adm), "--feature-mode", "clean", "--foreign-reference",
+    proc = _fid_cli(model_file, "--reference", str(adm), "--feature-mode", "clean", "--foreign-reference", "--metrics", "fid",
                     *[str(bad_net) if a == standin_inception else a for a in args])
     assert proc.returncode == 2 and "not a TorchScript Inception network" in proc.stderr and str(bad_net) in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -271,10 +268,7 @@ def _eval_overrides(tiny_mds: str, tmp_path: Path, save_folder: str, reference: 
 def test_training_dispatches_a_local_fid_job_per_checkpoint(tiny_mds, standin_inception, tmp_path):
     """A run that does not wait leaves its evals running (the queued one included); the run
     resumed later collects their results, evaluates its own new checkpoint and waits for it."""
-    reference = tmp_path / "ref.npz"
-    stats = FeatureStats()
-    stats.add(load_feature_extractor(standin_inception, "clean", torch.device("cpu"))(_images(32)))
-    save_reference(str(reference), stats, feature_mode="clean", inception_sha256=sha256_of(standin_inception))
+    reference = write_reference(str(tmp_path / "ref.npz"), standin_inception, _images(32))
     ckpt = tmp_path / "ckpt"
     args = _eval_overrides(tiny_mds, tmp_path, str(ckpt), str(reference), standin_inception)
     run([*args, "eval.wait_at_end=false"], cwd=tmp_path)
@@ -357,10 +351,7 @@ def test_kubernetes_job_manifest_and_idempotent_submit(kube_api, tmp_path):
 def test_training_creates_a_kubernetes_job_per_checkpoint_whose_command_works(tiny_mds, standin_inception, kube_api, s3, tmp_path):
     """Jobs are created through the API while training runs; running a Job's container command
     as written (what the pod does) writes the FID result where the training run looks for it."""
-    reference = f"{s3['url']}/fid/ref.npz"
-    stats = FeatureStats()
-    stats.add(load_feature_extractor(standin_inception, "clean", torch.device("cpu"))(_images(32)))
-    save_reference(reference, stats, feature_mode="clean", inception_sha256=sha256_of(standin_inception))
+    reference = write_reference(f"{s3['url']}/fid/ref.npz", standin_inception, _images(32))
     save_folder = f"{s3['url']}/runs/{{run_name}}/checkpoints"
     run(_eval_overrides(tiny_mds, tmp_path, save_folder, reference, standin_inception, **{
         "eval.backend": "kubernetes", "eval.kubernetes.api_server": kube_api["url"], "eval.kubernetes.namespace": "ml"}),

@@ -166,6 +166,10 @@ class DINOv2Encoder(nn.Module):
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise FileNotFoundError(f"objective.repa.weights: DINOv2 checkpoint not found: {path}") from None
+        except Exception as e:  # torch.load raises UnpicklingError / RuntimeError / EOFError by format
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"objective.repa.weights: {path} is not a checkpoint of tensors "
+                             f"(e.g. dinov2_vitb14_pretrain.pth): {first}") from None
         if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
             sd = sd["model"]
         return cls(DINOv2.from_state_dict(sd), resolution)
