@@ -135,6 +135,7 @@ class KubernetesConfig:
     env_secret: Optional[str] = "dip-scale-s3"  # Secret with AWS_* and S3_ENDPOINT_URL, passed as envFrom
     api_server: Optional[str] = None  # None: in-cluster (KUBERNETES_SERVICE_HOST + the pod's service account)
     ttl_seconds_after_finished: int = 86400
+    active_deadline_seconds: int = 43200  # a Job running longer is failed by Kubernetes (and retried, eval.max_retries)
 
 
 @dataclass
@@ -163,6 +164,7 @@ class EvalConfig:
     device: Literal["auto", "cpu", "gpu"] = "auto"  # of the eval job
     processes: int = 0  # sampling processes of the eval job, one per GPU (0: every visible GPU; 1 on CPU)
     max_parallel: int = 1  # local backend: eval processes at a time (the rest queue)
+    max_retries: int = 2  # an eval that fails is dispatched again (a new Job / process) up to this many times
     wait_at_end: bool = False  # local backend: training waits for queued evals before exiting
     kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
 
@@ -301,6 +303,8 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
         errs.append(f"eval.metrics: fid is always computed and each metric named once, got {ev.metrics}")
     if ev.cfg_scales is not None and (not ev.cfg_scales or any(c < 0 for c in ev.cfg_scales) or len(set(ev.cfg_scales)) != len(ev.cfg_scales)):
         errs.append(f"eval.cfg_scales: a non-empty list of distinct scales >= 0 (1.0: no guidance), or null for sampler.cfg_scale; got {ev.cfg_scales}")
+    if ev.max_retries < 0 or ev.kubernetes.active_deadline_seconds < 1:
+        errs.append(f"eval.max_retries must be >= 0 and eval.kubernetes.active_deadline_seconds >= 1, got {ev.max_retries} and {ev.kubernetes.active_deadline_seconds}")
     if ev.processes < 0:
         errs.append(f"eval.processes: must be >= 0 (0: every visible GPU), got {ev.processes}")
     if ev.kubernetes.gpus < 0:

@@ -6,7 +6,8 @@
     <save_folder>/ep{epoch}-ba{batch}.universal.json     the record of that tar (size, sha256, HMAC, source)
     <save_folder>/latest-rank{rank}.tar[.symlink]        Composer's pointer to the latest tar (a hint only)
     <save_folder>/ema/ep{epoch}-ba{batch}.safetensors    the EMA export of that step (a model file)
-    <save_folder>/eval/ep{epoch}-ba{batch}[...].json     evaluation results of that export
+    <save_folder>/eval/ep{epoch}-ba{batch}[-cfg{s}].json evaluation result of that export (at guidance scale s of a sweep),
+                                                          with .png (first samples) and .samples.npz (eval.save_npz) beside it
 
 Code passes `Step` records around; names are parsed only where a folder listing is read.
 """
@@ -54,6 +55,11 @@ class Step:
     @property
     def export(self) -> str:
         return f"{EMA_DIR}/{self.stem}.safetensors"
+
+    def evaluation(self, cfg_scale: Optional[float] = None) -> str:
+        """Name (no suffix) of the evaluation of this step's export: `eval/ep1-ba500`, or
+        `eval/ep1-ba500-cfg2.9` for one scale of a guidance sweep (eval.cfg_scales)."""
+        return f"{EVAL_DIR}/{self.stem}" + ("" if cfg_scale is None else f"-cfg{cfg_scale:g}")
 
 
 def parse_tar(name: str) -> Optional[tuple[Step, int]]:

@@ -85,16 +85,38 @@ def plot_metrics(jsonl_path: str, png_path: str, keys: Sequence[str] = ("loss",)
     return _plot(png_path, draw)
 
 
-def plot_fid(points: dict[int, float], png_path: str, title: Optional[str] = None) -> str:
-    """FID (of the EMA weights) against training step, each point labelled with its value."""
-    steps = sorted(points)
+METRIC_LABELS = {"fid": "FID", "sfid": "sFID", "is": "IS", "precision": "Precision", "recall": "Recall"}
 
-    def draw(ax):
-        ax.plot(steps, [points[s] for s in steps], marker="o", linewidth=1)
-        for s in steps:
-            ax.annotate(f"{points[s]:.3g}", (s, points[s]), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=7)
-        ax.set_ylabel("FID (EMA weights)")
-        if title:
-            ax.set_title(title, fontsize=9)
 
-    return _plot(png_path, draw)
+def plot_eval(rows: Sequence[dict], png_path: str, title: Optional[str] = None) -> str:
+    """The evaluation curves of a run (fid.jsonl rows): one panel per metric, one line per
+    guidance scale, each point labelled with its value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in METRIC_LABELS if any(m in r for r in rows)] or ["fid"]
+    scales = sorted({r.get("cfg_scale") for r in rows}, key=lambda s: -1.0 if s is None else s)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), dpi=120, squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for scale in scales:
+            pts = sorted((r["step"], r[metric]) for r in rows if r.get("cfg_scale") == scale and metric in r)
+            if not pts:
+                continue
+            ax.plot(*zip(*pts), marker="o", linewidth=1, label="sampler CFG" if scale is None else f"CFG {scale:g}")
+            for x, y in pts:
+                ax.annotate(f"{y:.3g}", (x, y), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=6)
+        ax.set_title(METRIC_LABELS[metric], fontsize=9)
+        ax.set_xlabel("step (batches)")
+        ax.grid(alpha=0.3)
+    if len(scales) > 1:
+        axes[0][0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
+    fig.savefig(png_path)
+    plt.close(fig)
+    return png_path
+

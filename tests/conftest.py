@@ -38,13 +38,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def composer_launch(script, *args, nproc: int = 2, env=None, timeout: int = 600, log_dir=None, extra=()):
-    """Run `composer -n nproc script args` (real launcher, gloo on CPU); every rank's output is
-    kept in log_dir when given."""
-    cmd = [str(BIN / "composer"), "-n", str(nproc), "--master_port", str(free_port()), *extra]
+def launcher_command(nproc: int = 2, port=None, log_dir=None, log: str = "rank", extra=()) -> list[str]:
+    """The real `composer` launcher for nproc processes (gloo on CPU) on a free port; every rank's
+    output goes to <log_dir>/<log>{rank}.out|.err when log_dir is given. The one place tests build it."""
+    cmd = [str(BIN / "composer"), "-n", str(nproc), "--master_port", str(port or free_port()), *extra]
     if log_dir is not None:
-        cmd += ["--stdout", f"{log_dir}/rank{{rank}}.out", "--stderr", f"{log_dir}/rank{{rank}}.err"]
-    cmd += [str(script), *map(str, args)]
+        cmd += ["--stdout", f"{log_dir}/{log}{{rank}}.out", "--stderr", f"{log_dir}/{log}{{rank}}.err"]
+    return cmd
+
+
+def composer_launch(script, *args, nproc: int = 2, env=None, timeout: int = 600, log_dir=None, extra=()):
+    """Run `composer -n nproc script args` to its end."""
+    cmd = [*launcher_command(nproc, log_dir=log_dir, extra=extra), str(script), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env or env_with_repo_on_path(), timeout=timeout)
 
 

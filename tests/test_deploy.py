@@ -10,8 +10,10 @@ import yaml
 
 from conftest import ROOT, load_tool
 from dip_scale.config import KubernetesConfig, load_config
-from dip_scale.eval.dispatch import EvalJob, job_manifest
 from dip_scale.eval.fid import command
+from dip_scale.eval.jobs import EvalJob
+from dip_scale.eval.kubernetes import job_manifest
+from dip_scale.naming import parse_export
 
 K8S = ROOT / "docker" / "k8s"
 
@@ -82,13 +84,13 @@ def test_example_eval_job_is_what_the_dispatcher_creates_for_the_paper_run():
     example = _one("eval-job.yaml", "Job")
     (c,) = example["spec"]["template"]["spec"]["containers"]
     model_file = c["command"][3]
-    job = EvalJob(model_file, int(model_file.rsplit("-ba", 1)[1].removesuffix(".safetensors")))
+    job = EvalJob(model_file, parse_export(model_file.rsplit("/", 1)[1]))
     assert model_file.startswith(cfg.trainer.save_folder.replace("{run_name}", cfg.run_name) + "/ema/")
     made = job_manifest(cfg.eval.kubernetes, cfg.run_name, job, command(model_file, job.result, cfg.eval, cfg.sampler, grid=job.grid))
     assert example["metadata"]["name"] == made["metadata"]["name"]
     (mc,) = made["spec"]["template"]["spec"]["containers"]
     assert c == mc
-    for key in ("backoffLimit", "ttlSecondsAfterFinished"):
+    for key in ("backoffLimit", "ttlSecondsAfterFinished", "activeDeadlineSeconds"):
         assert example["spec"][key] == made["spec"][key]
 
 

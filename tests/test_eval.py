@@ -7,7 +7,6 @@ import math
 import subprocess
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -91,43 +90,59 @@ def test_local_backend_queues_reports_failures_and_knows_what_still_runs(tmp_pat
     import os
     import signal
 
-    from dip_scale.eval.dispatch import EvalJob, LocalBackend
+    from dip_scale.eval.dispatch import LocalBackend
+    from dip_scale.eval.jobs import EvalJob
+    from dip_scale.naming import Step
 
-    slow, quick = EvalJob("ck/ema/ep1-ba10.safetensors", 10), EvalJob("ck/ema/ep2-ba20.safetensors", 20)
+    slow, quick = EvalJob("ck/ema/ep1-ba10.safetensors", Step(10, 1)), EvalJob("ck/ema/ep2-ba20.safetensors", Step(20, 2))
     backend = LocalBackend(str(tmp_path / "eval"), max_parallel=1)
     backend.submit(slow, ["python", "-c", "import time; time.sleep(60)"])
     backend.submit(quick, ["python", "-c", "print('done')"])
-    assert [j for j, _ in backend.running] == [slow] and [j for j, _ in backend.queue] == [quick]
+    assert [j for j, *_ in backend.running] == [slow] and [j for j, _ in backend.queue] == [quick]
     restarted = LocalBackend(str(tmp_path / "eval"), max_parallel=1)
     assert restarted.started(slow) and not restarted.started(quick)
-    (_, proc), = backend.running
+    (_, proc, _), = backend.running
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not restarted.started(slow)  # killed with the old run: to be dispatched again
-    assert backend.poll() == [slow]  # reported failed, and the queue moves on
-    (_, proc), = backend.running
+    (failed, reason), = backend.poll()  # reported failed with its reason, and the queue moves on
+    assert failed == slow and "exit -9" in reason and "ep1-ba10.log" in reason
+    (_, proc, _), = backend.running
     proc.wait()
     assert backend.poll() == [] and not backend.busy()
     assert (tmp_path / "eval" / "ep2-ba20.log").read_text().strip() == "done"
     (tmp_path / "not-a-dir").write_text("")
     broken = LocalBackend(str(tmp_path / "not-a-dir"), max_parallel=1)
     broken.submit(quick, ["python", "-c", "pass"])
-    assert broken.poll() == [quick] and not broken.busy()  # reported, not left queued forever
+    (failed, reason), = broken.poll()
+    assert failed == quick and "could not start" in reason and not broken.busy()  # reported, not left queued forever
+    retried = LocalBackend(str(tmp_path / "eval"), max_parallel=1, max_retries=1)  # a failure is dispatched again once
+    retried.submit(quick, ["python", "-c", "import sys; print('boom'); sys.exit(3)"])
+    while retried.busy():
+        outcome = retried.poll()
+        time.sleep(0.2)
+    (failed, reason), = outcome
+    assert failed == quick and retried.attempts[quick] == 1 and reason.startswith("exit 3: boom")
 
 
 def test_fid_log_keeps_one_row_per_step_and_survives_a_torn_line(tmp_path):
     from dip_scale.config import ExperimentConfig
-    from dip_scale.eval.dispatch import EvalDispatch, EvalJob
+    from dip_scale.eval.dispatch import EvalDispatch
+    from dip_scale.eval.jobs import EvalJob
+    from dip_scale.naming import Step
 
     cfg = ExperimentConfig()
     cfg.eval.backend, cfg.eval.reference_stats = "local", str(tmp_path / "ref.npz")
     dispatch = EvalDispatch(ema=None, cfg=cfg, run_dir=str(tmp_path))
     (tmp_path / "fid.jsonl").write_text(json.dumps({"step": 10, "fid": 9.0, "result": "a"}) + '\n{"step": 20, "fi')
-    job = EvalJob("ck/ema/ep2-ba20.safetensors", 20)
-    dispatch._record({"fid": 5.0}, job, None)
-    dispatch._record({"fid": 4.0}, job, None)  # the same step evaluated again replaces its row
+    job = EvalJob("ck/ema/ep2-ba20.safetensors", Step(20, 2))
+    dispatch._record({"fid": 5.0, "sfid": 7.0}, job, None)
+    dispatch._record({"fid": 4.0, "sfid": 6.0, "is": 3.0}, job, None)  # the same step evaluated again replaces its row
+    swept = EvalJob("ck/ema/ep2-ba20.safetensors", Step(20, 2), cfg_scale=1.0)  # another scale: a row of its own
+    dispatch._record_failure(swept, "Job failed: DeadlineExceeded")
     rows = [json.loads(line) for line in (tmp_path / "fid.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["fid"]) for r in rows] == [(10, 9.0), (20, 4.0)]
+    assert [(r["step"], r.get("cfg_scale"), r.get("fid")) for r in rows] == [(10, None, 9.0), (20, None, 4.0), (20, 1.0, None)]
+    assert rows[1]["is"] == 3.0 and rows[2]["failed"] == "Job failed: DeadlineExceeded" and swept.result.endswith("eval/ep2-ba20-cfg1.json")
     assert (tmp_path / "fid.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -288,49 +303,32 @@ def test_training_dispatches_a_local_fid_job_per_checkpoint(tiny_mds, standin_in
     assert (tmp_path / "run" / "fid.png").read_bytes()[:4] == b"\x89PNG"
 
 
-class _FakeKubernetesAPI(BaseHTTPRequestHandler):
-    """The one Kubernetes API call the dispatcher makes: create a Job (201, or 409 if it exists)."""
-
-    jobs: dict = {}
-
-    def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        ns = self.path.split("/")[5]
-        ok = self.path == f"/apis/batch/v1/namespaces/{ns}/jobs" and body.get("kind") == "Job"
-        name = body["metadata"]["name"]
-        code = 400 if not ok else 409 if name in self.jobs else 201
-        if code == 201:
-            self.jobs[name] = body
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(json.dumps({"kind": "Status", "code": code}).encode())
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def kube_api():
-    _FakeKubernetesAPI.jobs = {}
-    server = HTTPServer(("127.0.0.1", 0), _FakeKubernetesAPI)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield {"url": f"http://127.0.0.1:{server.server_port}", "jobs": _FakeKubernetesAPI.jobs}
+    """A local Kubernetes API speaking the endpoints the official client calls (tests/kube_server.py)."""
+    from kube_server import serve
+
+    server, state = serve("127.0.0.1")
+    yield state
     server.shutdown()
+    server.server_close()
 
 
-def test_kubernetes_job_manifest_and_idempotent_submit(kube_api, tmp_path):
-    from dip_scale.eval.dispatch import EvalJob, KubernetesBackend, job_name
+def test_kubernetes_job_manifest_and_idempotent_submit(kube_api, tmp_path, monkeypatch):
     from dip_scale.eval.fid import command
+    from dip_scale.eval.jobs import EvalJob
+    from dip_scale.eval.kubernetes import KubernetesBackend, job_name
+    from dip_scale.naming import Step
+    from dip_scale.schema import ConfigError
 
     ev = EvalConfig(backend="kubernetes", inception_weights="/opt/w/inception-2015-12-05.pt", reference_stats="s3://b/ref.npz",
                     kubernetes=KubernetesConfig(namespace="research", api_server=kube_api["url"], gpus=2))
-    job = EvalJob("s3://b/runs/x/checkpoints/ema/ep3-ba1500.safetensors", 1500)
+    job = EvalJob("s3://b/runs/x/checkpoints/ema/ep3-ba1500.safetensors", Step(1500, 3))
     assert job.result == "s3://b/runs/x/checkpoints/eval/ep3-ba1500.json"
-    backend = KubernetesBackend(ev.kubernetes, "My_Run.v2", str(tmp_path))
+    backend = KubernetesBackend(ev.kubernetes, "My_Run.v2", str(tmp_path), 2)
     argv = command(job.model_file, job.result, ev, SamplerConfig())
     backend.submit(job, argv)
-    backend.submit(job, argv)  # a resumed run dispatching again: 409, not an error
+    KubernetesBackend(ev.kubernetes, "My_Run.v2", str(tmp_path), 2).submit(job, argv)  # a resumed run dispatching again: 409, not an error
     (name, manifest), = kube_api["jobs"].items()
     assert name.startswith("dip-eval-my-run-v2-ep3-ba1500-") and manifest["metadata"]["namespace"] == "research"
     assert job_name("my-run-v2", "ep3-ba1500") != name  # run names differing in case/punctuation never share Jobs
@@ -343,8 +341,10 @@ def test_kubernetes_job_manifest_and_idempotent_submit(kube_api, tmp_path):
     assert (tmp_path / "ep3-ba1500.job.yaml").exists()
     long = job_name("r" * 80, "ep100-ba500400")
     assert len(long) <= 63 and long != job_name("r" * 79 + "s", "ep100-ba500400")
-    with pytest.raises(RuntimeError, match="api_server"):
-        KubernetesBackend(KubernetesConfig(), "r", str(tmp_path)).submit(job, argv)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
+    with pytest.raises(ConfigError, match="api_server"):
+        KubernetesBackend(KubernetesConfig(), "r", str(tmp_path), 2).check()
 
 
 @pytest.mark.slow
@@ -354,7 +354,8 @@ def test_training_creates_a_kubernetes_job_per_checkpoint_whose_command_works(ti
     reference = write_reference(f"{s3['url']}/fid/ref.npz", standin_inception, _images(32))
     save_folder = f"{s3['url']}/runs/{{run_name}}/checkpoints"
     run(_eval_overrides(tiny_mds, tmp_path, save_folder, reference, standin_inception, **{
-        "eval.backend": "kubernetes", "eval.kubernetes.api_server": kube_api["url"], "eval.kubernetes.namespace": "ml"}),
+        "eval.backend": "kubernetes", "eval.kubernetes.api_server": kube_api["url"], "eval.kubernetes.namespace": "ml",
+        "eval.wait_at_end": "false"}),  # the Jobs of this API never finish by themselves
         cwd=tmp_path, env=env_with_repo_on_path(**s3["env"]))
     jobs = kube_api["jobs"]
     steps = sorted(int(j["metadata"]["annotations"]["dip-scale/model-file"].rsplit("-ba", 1)[1].split(".")[0]) for j in jobs.values())
@@ -371,7 +372,7 @@ def test_training_creates_a_kubernetes_job_per_checkpoint_whose_command_works(ti
                            capture_output=True, text=True, env=env_with_repo_on_path(**s3["env"]), timeout=120)
     assert curve.returncode == 0, curve.stderr
     (row,) = [line.split() for line in curve.stdout.splitlines() if line.split()[:1] == ["20"]]
-    assert float(row[2]) == pytest.approx(result["fid"], abs=5e-4)
+    assert float(row[3]) == pytest.approx(result["fid"], abs=5e-4)
     assert (tmp_path / "fid.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -385,17 +386,27 @@ def test_eval_dispatch_problems_fail_early_or_never_stop_training(tiny_mds, stan
     save_reference(str(reference), stats, feature_mode="clean", inception_sha256=sha256_of(standin_inception))
     args = _eval_overrides(tiny_mds, tmp_path, str(tmp_path / "ckpt"), str(reference), standin_inception,
                            **{"eval.backend": "kubernetes", "trainer.max_duration": "10ba"})
-    env = {k: v for k, v in env_with_repo_on_path().items() if k != "KUBERNETES_SERVICE_HOST"}
+    env = {k: v for k, v in env_with_repo_on_path(KUBECONFIG=str(tmp_path / "no-kubeconfig")).items() if k != "KUBERNETES_SERVICE_HOST"}
     proc = subprocess.run([PYTHON, str(ROOT / "dip_scale" / "train.py"), str(ROOT / "yamls" / "dip_tiny_cpu.yaml"), *args],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2 and "eval.kubernetes.api_server is not set" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "ckpt").exists()
 
-    import socket
+    # an API server that answers the pre-flight and then goes away: training finishes, the
+    # Job it could not create is logged
+    from kube_server import serve
 
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
-    run([*args, f"eval.kubernetes.api_server={dead}"], cwd=tmp_path / "down")
-    assert "could not dispatch the eval of" in logs(tmp_path / "down") and "dip_scale.eval.fid" in logs(tmp_path / "down")
-    assert list((tmp_path / "ckpt" / "ema").glob("*-ba10.safetensors"))
+    server, state = serve("127.0.0.1")
+
+    def stop_after_preflight():
+        deadline = time.time() + 240
+        while time.time() < deadline and not any("dryRun=All" in path for _, path in state["requests"]):
+            time.sleep(0.05)
+        server.shutdown()
+        server.server_close()
+
+    watcher = threading.Thread(target=stop_after_preflight, daemon=True)
+    watcher.start()
+    run([*args, f"eval.kubernetes.api_server={state['url']}", "eval.wait_at_end=false"], cwd=tmp_path / "down", env=env)
+    watcher.join()
+    assert "creating eval Job" in logs(tmp_path / "down") and list((tmp_path / "ckpt" / "ema").glob("*-ba10.safetensors"))

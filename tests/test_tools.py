@@ -44,3 +44,13 @@ def test_bench_data_prints_the_throughput_table():
     for r in result["rows"]:
         assert r["convert_img_s_per_worker"] > 0 and r["bare_decode_img_s"] > 0 and 0 < r["loader_vs_bare"] < 2
     assert any("loader/bare" in line for line in lines)
+
+
+def test_bench_eval_compares_the_fid_only_pass_with_the_suite():
+    lines = _run(ROOT / "tools" / "bench_eval.py", "--samples", "40", "--batch", "20", "--size", "32", "--pr-n", "100", "--pr-ref", "150")
+    r = json.loads(lines[-1])
+    for key in ("sampling_img_s", "features_fid_only_img_s", "features_all_img_s", "stats_fid_only_img_s", "stats_all_img_s"):
+        assert r[key] > 0, key
+    assert r["pr_seconds"] > 0 and r["pr_seconds_50k_extrapolated"] > r["pr_seconds"]
+    assert r["pass_ratio_all_over_fid_only"] > 0 and any(line.startswith("whole pass") for line in lines)
+

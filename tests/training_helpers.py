@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import BIN, ROOT, env_with_repo_on_path, free_port
+from conftest import ROOT, env_with_repo_on_path, launcher_command
 
 TRAIN = ROOT / "dip_scale" / "train.py"
 TINY = ROOT / "yamls" / "dip_tiny_cpu.yaml"
@@ -49,8 +49,7 @@ def launch(overrides, *, cwd: Path, env=None, nproc: int = 2, node: tuple[int, i
     """Start `composer -n nproc dip_scale/train.py tiny.yaml overrides` in its own process group.
     node=(node_rank, world_size) runs one "node" of a multi-node job."""
     cwd.mkdir(parents=True, exist_ok=True)
-    cmd = [str(BIN / "composer"), "-n", str(nproc), "--master_port", str(port or free_port()),
-           "--stdout", str(cwd / f"{log}-rank{{rank}}.out"), "--stderr", str(cwd / f"{log}-rank{{rank}}.err")]
+    cmd = launcher_command(nproc, port, log_dir=cwd, log=f"{log}-rank")
     env = dict(env or env_with_repo_on_path())
     if node is not None:
         cmd += ["--world_size", str(node[1]), "--node_rank", str(node[0]), "--master_addr", "127.0.0.1"]

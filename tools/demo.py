@@ -19,6 +19,7 @@ re-run (use --fresh to start over). Extra key=value arguments override the YAML.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -66,12 +67,20 @@ def main() -> int:
         subprocess.run([python, "tools/convert_imagenet_mds.py", "--src", src, "--out", mds, "--splits", "train",
                         "--resolution", str(cfg.model.image_size), "--workers", str(min(2, os.cpu_count() or 1))], check=True)
 
-    step("3/5 FID reference statistics (stand-in Inception: FIDs show the trend, not paper numbers)")
+    step("3/5 reference statistics (stand-in Inception: the metrics show the trend, not paper numbers)")
     ev = cfg.eval
     if ev.backend != "none":
-        if not os.path.isfile(ev.inception_weights):
+        import torch
+
+        from dip_scale.eval.features import InceptionFeatures, load_reference_set
+
+        try:  # a stand-in from an older demo may lack the layout the metric suite reads
+            InceptionFeatures(ev.inception_weights, ev.feature_mode, torch.device("cpu"))
+            current = True
+        except (FileNotFoundError, ValueError):
             subprocess.run([python, "tools/make_standin_inception.py", "--out", ev.inception_weights], check=True)
-        if os.path.isfile(ev.reference_stats):
+            current = False
+        if current and os.path.isfile(ev.reference_stats) and not load_reference_set(ev.reference_stats).missing_for(ev.metrics):
             print(f"{ev.reference_stats} exists, kept")
         else:
             subprocess.run([python, "tools/make_fid_stats.py", "--data", mds, "--split", "train", "--inception", ev.inception_weights,
@@ -95,8 +104,14 @@ def main() -> int:
     print(f"loss curve:        {curve}")
     print(f"EMA sample grids:  {', '.join(samples)}")
     print(f"metrics per step:  {os.path.join(run_dir, 'metrics.jsonl')}")
-    if os.path.isfile(os.path.join(run_dir, "fid.png")):
-        print(f"FID per checkpoint: {os.path.join(run_dir, 'fid.png')}  (results + sample grids: {os.path.join(run_dir, 'checkpoints', 'eval')}/)")
+    eval_dir = os.path.join(cfg.trainer.save_folder.replace("{run_name}", cfg.run_name), "eval")
+    results = [json.load(open(os.path.join(eval_dir, f))) for f in sorted(os.listdir(eval_dir)) if f.endswith(".json")] if os.path.isdir(eval_dir) else []
+    if results:
+        from dip_scale.eval.fid import results_table
+
+        print(f"evaluation per checkpoint: {os.path.join(run_dir, 'fid.png')}  (results + sample grids: {eval_dir}/)")
+        print("stand-in Inception network (no weights can be downloaded here): the numbers show the trend, not paper values")
+        print(results_table(results))
     print(f"EMA weights:       {os.path.join(run_dir, 'checkpoints', 'ema')}/  (python tools/sample.py <file> --out grid.png)")
     return 0
 

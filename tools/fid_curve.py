@@ -1,10 +1,11 @@
-"""FID curve of a run from the results its eval jobs left next to the checkpoints.
+"""A run's evaluation table and curves from the results its eval jobs left next to the checkpoints.
 
     python tools/fid_curve.py s3://bkt/runs/dip-xl16-600ep/checkpoints [--out fid.png]
 
-Reads every `<save_folder>/eval/*.json` (local or s3://), prints one row per checkpoint (step,
-FID, samples, feature mode, sampler) and draws FID against step as a PNG. Useful once Kubernetes
-eval Jobs have finished after training ended (the run's own <run_dir>/fid.png stops with it).
+Reads every `<save_folder>/eval/*.json` (local or s3://), prints the paper's Table 1 layout (a row
+per checkpoint and guidance scale: FID, sFID, IS, precision, recall) and draws the curves as a PNG
+(one panel per metric, one line per scale). Useful once Kubernetes eval Jobs have finished after
+training ended (the run's own <run_dir>/fid.png stops with it).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from dip_scale import storage
-    from dip_scale.visual import plot_fid
+    from dip_scale.eval.fid import results_table
+    from dip_scale.visual import plot_eval
 
     results = []
     for path in storage.list_keys(storage.join(args.save_folder, "eval")):
@@ -33,13 +35,10 @@ def main(argv=None) -> int:
     if not results:
         print(f"fid_curve: no eval results under {storage.join(args.save_folder, 'eval')}", file=sys.stderr)
         return 2
-    results.sort(key=lambda r: r["step"])
-    print(f"{'step':>10} {'epoch':>6} {'FID':>9} {'samples':>8}  features           sampler")
-    for r in results:
-        s = r["sampler"]
-        print(f"{r['step']:>10} {r['epoch']:>6} {r['fid']:>9.3f} {r['num_samples']:>8}  {r['feature_mode']:<18} "
-              f"{s['method']} {s['steps']} steps, CFG {s['cfg_scale']} on t in {s['cfg_interval']}")
-    print(plot_fid({r["step"]: r["fid"] for r in results}, args.out, title=results[-1].get("run_name")))
+    print(results_table(results))
+    rows = [{"step": r["step"], "cfg_scale": (r.get("sampler") or {}).get("cfg_scale"),
+             **{k: r[k] for k in ("fid", "sfid", "is", "precision", "recall") if r.get(k) is not None}} for r in results]
+    print(plot_eval(rows, args.out, title=results[-1].get("run_name")))
     return 0
 
 

@@ -356,6 +356,19 @@ def main(argv=None) -> int:
     return 0
 
 
+def results_table(results: list[dict]) -> str:
+    """The paper's Table 1 layout for a run's results: a row per (checkpoint, guidance scale),
+    a column per metric ('-' where a metric was not computed)."""
+    cols = (("fid", "FID", 3), ("sfid", "sFID", 3), ("is", "IS", 2), ("precision", "Prec.", 3), ("recall", "Rec.", 3))
+    lines = [f"{'step':>10} {'epoch':>6} {'CFG':>5} " + " ".join(f"{label:>8}" for _, label, _ in cols) + f" {'samples':>8}  features"]
+    for r in sorted(results, key=lambda r: (r.get("step") or 0, (r.get("sampler") or {}).get("cfg_scale") or 0.0)):
+        scale = (r.get("sampler") or {}).get("cfg_scale")
+        cells = " ".join(f"{r[k]:>8.{d}f}" if r.get(k) is not None else f"{'-':>8}" for k, _, d in cols)
+        lines.append(f"{r.get('step', '-')!s:>10} {r.get('epoch', '-')!s:>6} {'-' if scale is None else f'{scale:g}':>5} {cells} "
+                     f"{r['num_samples']:>8}  {r['feature_mode']}")
+    return "\n".join(lines)
+
+
 def format_metrics(result: dict) -> str:
     """'FID 2.31 sFID 4.5 IS 280.1 Prec 0.79 Rec 0.58' for the metrics a result holds."""
     names = (("fid", "FID", 3), ("sfid", "sFID", 3), ("is", "IS", 2), ("precision", "Prec", 3), ("recall", "Rec", 3))

@@ -25,6 +25,7 @@ from composer.loggers import Logger
 from composer.utils import create_interval_scheduler, dist, format_name_with_dist_and_time
 
 from dip_scale import storage
+from dip_scale.naming import Step
 
 log = logging.getLogger(__name__)
 PREFIX = "model."  # the DiP inside the ComposerModel; the REPA projector is not averaged
@@ -71,7 +72,7 @@ class EMA(Callback):
         self.should_export = create_interval_scheduler(save_interval) if save_folder else None
         self.shadow: dict[str, tuple[torch.Tensor, int, int]] = {}
         self.updates = 0
-        self.exported: list[str] = []
+        self.exported: list[tuple[Step, str]] = []  # (step, model file) of every export of this process
         self._pending_full: Optional[dict[str, torch.Tensor]] = None
         self._cache: Optional[tuple[int, Optional[dict[str, torch.Tensor]]]] = None
         self._meta: dict = {}
@@ -171,7 +172,7 @@ class EMA(Callback):
         path = self.export_path(state)
         write_model_file(path, full, self.model_cfg, step=state.timestamp.batch.value, epoch=state.timestamp.epoch.value,
                          ema_decay=self.decay, run_name=self.run_name)
-        self.exported.append(path)
+        self.exported.append((Step(batch=state.timestamp.batch.value, epoch=state.timestamp.epoch.value), path))
         log.info("exported EMA weights: %s", path)
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:

@@ -290,7 +290,7 @@ def report(cfg: ExperimentConfig, rt: Runtime, run: Run) -> None:
     folder = t.save_folder.replace("{run_name}", cfg.run_name) if t.save_folder else None
     print(f"\ndone: {cfg.run_name} at batch {run.trainer.state.timestamp.batch.value}", file=sys.stderr)
     print(f"  metrics:      {os.path.join(rt.run_dir, 'metrics.jsonl')}", file=sys.stderr)
-    exported = run.ema.exported[-1] if run.ema.exported else _latest_export(folder)
+    exported = run.ema.exported[-1][1] if run.ema.exported else _latest_export(folder)
     if exported:
         print(f"  EMA weights:  {exported}", file=sys.stderr)
     written = [g.written[-1] for g in run.grids if g.written] or sorted(Path(rt.run_dir, "samples").glob("ba*.png"), key=lambda p: int(p.stem[2:]))[-1:]
