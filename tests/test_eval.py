@@ -392,10 +392,20 @@ def test_eval_dispatch_problems_fail_early_or_never_stop_training(tiny_mds, stan
     assert proc.returncode == 2 and "eval.kubernetes.api_server is not set" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "ckpt").exists()
 
-    # an API server that answers the pre-flight and then goes away: training finishes, the
-    # Job it could not create is logged
     from kube_server import serve
 
+    server, state = serve("127.0.0.1")  # an API that refuses the trainer's service account: before step 0
+    state["fail"]["POST"] = [403]
+    proc = subprocess.run([PYTHON, str(ROOT / "dip_scale" / "train.py"), str(ROOT / "yamls" / "dip_tiny_cpu.yaml"), *args,
+                           f"eval.kubernetes.api_server={state['url']}"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    server.shutdown()
+    server.server_close()
+    assert proc.returncode == 2 and "rbac.yaml" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    (only,) = state["requests"]  # the dry-run create of the pre-flight, nothing after it
+    assert "dryRun=All" in only[1] and not (tmp_path / "ckpt").exists()
+
+    # an API server that answers the pre-flight and then goes away: training finishes, the
+    # Job it could not create is logged
     server, state = serve("127.0.0.1")
 
     def stop_after_preflight():
