@@ -172,3 +172,14 @@ def write_reference(path: str, inception: str, images, mode: str = "clean", **me
     save_reference(path, pool, spatial, pr_features=f["pool"], feature_mode=mode, inception_sha256=sha256_of(inception), **meta)
     return path
 
+
+@pytest.fixture
+def kube_api():
+    """A local Kubernetes API speaking the endpoints the official client calls (tests/kube_server.py)."""
+    from kube_server import serve
+
+    server, state = serve("127.0.0.1")
+    yield state
+    server.shutdown()
+    server.server_close()
+

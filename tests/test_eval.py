@@ -303,17 +303,6 @@ def test_training_dispatches_a_local_fid_job_per_checkpoint(tiny_mds, standin_in
     assert (tmp_path / "run" / "fid.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.fixture
-def kube_api():
-    """A local Kubernetes API speaking the endpoints the official client calls (tests/kube_server.py)."""
-    from kube_server import serve
-
-    server, state = serve("127.0.0.1")
-    yield state
-    server.shutdown()
-    server.server_close()
-
-
 def test_kubernetes_job_manifest_and_idempotent_submit(kube_api, tmp_path, monkeypatch):
     from dip_scale.eval.fid import command
     from dip_scale.eval.jobs import EvalJob

@@ -22,11 +22,8 @@ ARGV = ["python", "-m", "dip_scale.eval.fid", JOB.model_file, "--out", JOB.resul
 
 
 @pytest.fixture
-def api():
-    server, state = serve("127.0.0.1")
-    yield state
-    server.shutdown()
-    server.server_close()
+def api(kube_api):
+    return kube_api
 
 
 def _backend(state, tmp_path, max_retries=2, **k) -> kube.KubernetesBackend:
