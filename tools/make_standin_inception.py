@@ -52,6 +52,10 @@ class StandInInception(nn.Module):
             pool2=nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 2048), nn.ReLU()),
         ))
         self.output = nn.Linear(2048, 1008)
+        for m in self.modules():  # He init: features that tell images apart (PyTorch's default makes them ~constant)
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        nn.init.normal_(self.output.weight, std=0.05)  # class probabilities that are not flat, so IS > 1
 
     def forward(self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False,
                 no_output_bias: bool = False) -> torch.Tensor:
