@@ -26,6 +26,7 @@ def main(argv=None) -> int:
 
     from dip_scale import storage
     from dip_scale.eval.fid import results_table
+    from dip_scale.eval.metrics import METRICS
     from dip_scale.visual import plot_eval
 
     results = []
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
         return 2
     print(results_table(results))
     rows = [{"step": r["step"], "cfg_scale": (r.get("sampler") or {}).get("cfg_scale"),
-             **{k: r[k] for k in ("fid", "sfid", "is", "precision", "recall") if r.get(k) is not None}} for r in results]
+             **{k: r[k] for k in METRICS if r.get(k) is not None}} for r in results]
     print(plot_eval(rows, args.out, title=results[-1].get("run_name")))
     return 0
 

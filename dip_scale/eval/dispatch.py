@@ -41,6 +41,7 @@ from dip_scale import storage
 from dip_scale.config import ConfigError, ExperimentConfig
 from dip_scale.eval.fid import command
 from dip_scale.eval.jobs import EvalBackend, EvalJob
+from dip_scale.eval.metrics import METRICS
 from dip_scale.naming import Step, parse_export
 
 log = logging.getLogger(__name__)
@@ -166,9 +167,6 @@ def make_backend(cfg: ExperimentConfig, log_dir: str) -> EvalBackend:
     from dip_scale.eval.kubernetes import KubernetesBackend
 
     return KubernetesBackend(ev.kubernetes, cfg.run_name, log_dir, ev.max_retries)
-
-
-METRIC_KEYS = ("fid", "sfid", "is", "precision", "recall")
 
 
 class EvalDispatch(Callback):
@@ -307,7 +305,7 @@ class EvalDispatch(Callback):
 
     def _record(self, result: dict, job: EvalJob, logger: Optional[Logger]) -> None:
         self.results.append(result)
-        values = {k: result[k] for k in METRIC_KEYS if result.get(k) is not None}
+        values = {k: result[k] for k in METRICS if result.get(k) is not None}
         if logger is not None:
             prefix = "eval/" if job.cfg_scale is None else f"eval/cfg{job.cfg_scale:g}/"
             logger.log_metrics({prefix + k: v for k, v in values.items()}, step=job.step.batch)

@@ -28,6 +28,7 @@ import torch
 
 from dip_scale import storage
 from dip_scale.config import EvalConfig, SamplerConfig
+from dip_scale.eval.metrics import METRICS
 
 
 def eval_labels(num_samples: int, num_classes: int, seed: int) -> list[int]:
@@ -111,8 +112,6 @@ def _worker(rank: int, world: int, on_gpu: bool, out_dir: str, kwargs: dict) -> 
 
 
 def parse_metrics(text) -> tuple[str, ...]:
-    from dip_scale.eval.metrics import METRICS
-
     names = [m.strip().lower() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
     bad = [m for m in names if m not in METRICS]
     if bad or not names or "fid" not in names:
@@ -187,7 +186,7 @@ def evaluate(
     grid: Optional[str] = None,
     progress: bool = True,
     foreign_reference: bool = False,
-    metrics: tuple[str, ...] = ("fid", "sfid", "is", "precision", "recall"),
+    metrics: tuple[str, ...] = METRICS,
     samples: Optional[str] = None,
     save_npz: Optional[str] = None,
 ) -> dict:
@@ -221,6 +220,7 @@ def evaluate(
     if dev.type == "cuda" and world > torch.cuda.device_count():
         raise ValueError(f"{world} processes requested but only {torch.cuda.device_count()} GPU(s) are visible")
     meta: dict = {}
+    extract = None  # the parent's own network, built once when it needs one
     with tempfile.TemporaryDirectory() as tmp:
         if given is not None:
             extract = InceptionFeatures(inception, feature_mode, dev)
@@ -258,7 +258,7 @@ def evaluate(
         if state.keeps_features:
             ref_feats = ref.pr_features
             if ref_feats is None:  # ADM's reference batch: the features of its images, by the same network
-                extract = InceptionFeatures(inception, feature_mode, dev)
+                extract = extract or InceptionFeatures(inception, feature_mode, dev)
                 ref_feats = np.concatenate([extract(ref.images[i : i + batch_size])["pool"] for i in range(0, len(ref.images), batch_size)])
             t_pr = time.time()
             precision, recall = precision_recall(ref_feats, state.sample_features(), device=dev)
