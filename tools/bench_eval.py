@@ -117,8 +117,8 @@ def main(argv=None) -> int:
     per_img_old = 1 / sampling + 1 / feat_old + 1 / stats_old
     per_img_new = 1 / sampling + 1 / feat_new + 1 / stats_new + pr_50k / 50000
     rows = {"sampling_img_s": round(sampling, 2), "features_fid_only_img_s": round(feat_old, 1), "features_all_img_s": round(feat_new, 1),
-            "stats_fid_only_img_s": round(stats_old, 1), "stats_all_img_s": round(stats_new, 1), "pr_seconds": round(pr_s, 2),
-            "pr_n": args.pr_n, "pr_ref": args.pr_ref, "pr_seconds_50k_extrapolated": round(pr_50k, 1),
+            "stats_fid_only_img_s": round(stats_old, 1), "stats_all_img_s": round(stats_new, 1), "pr_seconds": float(f"{pr_s:.3g}"),
+            "pr_n": args.pr_n, "pr_ref": args.pr_ref, "pr_seconds_50k_extrapolated": float(f"{pr_50k:.3g}"),
             "pass_ratio_all_over_fid_only": round(per_img_new / per_img_old, 3),
             "pr_features_memory_mb_50k": round(50000 * 2048 * 4 / 2**20, 1)}
     print(f"device {args.device}, {args.size} px, {args.mode}, sampler {args.preset} x {args.steps} steps")
