@@ -53,7 +53,7 @@ def test_job_names_manifest_and_rbac():
     assert invalid(m) is None and m["spec"]["activeDeadlineSeconds"] == 60
     assert m["metadata"]["labels"][kube.ATTEMPT_LABEL] == "2" and m["metadata"]["name"].endswith("-r2")
     # the trainer's Role grants exactly what the backend calls
-    role = next(d for d in yaml.safe_load_all(open("docker/k8s/rbac.yaml")) if d["kind"] == "Role")
+    role = next(d for d in yaml.safe_load_all(open("docker/k8s/base/rbac.yaml")) if d["kind"] == "Role")
     grants = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
     assert grants == {("batch", "jobs", "create"), ("batch", "jobs", "list"), ("batch", "jobs/status", "get"), ("", "pods", "list")}
 

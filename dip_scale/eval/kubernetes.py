@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 # Where a pod's service account (token, ca.crt, namespace) is mounted; a module constant so tests
 # can point it elsewhere (the client's own in-cluster loader reads fixed paths).
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
-RBAC_FILE = "docker/k8s/rbac.yaml"
+RBAC_FILE = "docker/k8s/base/rbac.yaml"
 TRAINER_SERVICE_ACCOUNT = "dip-scale-trainer"  # the ServiceAccount rbac.yaml grants
 APP, RUN_LABEL, EVAL_LABEL, ATTEMPT_LABEL = "dip-scale-eval", "dip-scale/run", "dip-scale/eval", "dip-scale/attempt"
 BACKOFF_LIMIT = 2  # pod restarts within one Job (node trouble) before the Job counts as failed
@@ -78,11 +78,17 @@ def job_manifest(k: KubernetesConfig, run_name: str, job: EvalJob, argv: list[st
     resources: dict = {"requests": {"cpu": k.cpu, "memory": k.memory}, "limits": {"memory": k.memory}}
     if k.gpus:
         resources["limits"]["nvidia.com/gpu"] = k.gpus
-    container = {"name": "eval", "image": k.image, "command": list(argv), "resources": resources}
+    # hardened as docker/k8s/convert-job.yaml (docs/kubernetes.md): any uid works, the job writes
+    # only S3 and /tmp; no capability, no privilege escalation, the runtime's seccomp profile
+    container = {"name": "eval", "image": k.image, "imagePullPolicy": "IfNotPresent", "command": list(argv),
+                 "env": [{"name": "HOME", "value": "/tmp"}], "resources": resources,
+                 "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}
     if k.env_secret:
         container["envFrom"] = [{"secretRef": {"name": k.env_secret}}]
     # the eval needs S3, never the Kubernetes API: no token in its pod
-    pod: dict = {"restartPolicy": "Never", "automountServiceAccountToken": False, "containers": [container]}
+    pod: dict = {"restartPolicy": "Never", "automountServiceAccountToken": False, "containers": [container],
+                 "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
+                                     "seccompProfile": {"type": "RuntimeDefault"}}}
     if k.service_account:
         pod["serviceAccountName"] = k.service_account
     return {
