@@ -1,8 +1,8 @@
 """The paper's Table 1 metrics from Inception features (docs/evaluation.md), as ADM's evaluator
 defines them, with state that merges across processes by addition:
 
-* FID / sFID: Fréchet distance of pool / spatial feature statistics (clean-fid's
-  `frechet_distance`), kept as float64 running sums: O(1) in the number of samples.
+* FID / sFID: Fréchet distance of pool / spatial feature statistics (clean-fid's formula,
+  `frechet_distance` below), kept as float64 running sums: O(1) in the number of samples.
 * Inception Score: ADM splits the samples, in order, into groups of 5000 and averages
   exp(mean KL(p(y|x) || p(y))) over the groups. Per group only n, Σp and Σ p·log p are needed,
   so it is O(1) too: KL summed over a group = Σ p·log p − Σ_c (Σ_i p_ic) log p̄_c.
@@ -23,11 +23,23 @@ IS_SPLIT = 5000  # ADM's evaluator
 PR_K = 3  # ADM's evaluator (nhood_sizes=[3])
 
 
-def frechet(a: FeatureStats, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> float:
-    from cleanfid.fid import frechet_distance
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """|mu1 - mu2|² + tr(S1) + tr(S2) - 2 tr((S1 S2)^½): clean-fid's (and ADM's) formula, with the
+    trace of the square root taken from eigenvalues instead of scipy's sqrtm: for symmetric PSD
+    covariances tr((S1 S2)^½) = Σ √λ(S1^½ S2 S1^½), two symmetric eigendecompositions (float64).
+    Equal to clean-fid's value to ~1e-14 relative on full-rank statistics (tested), closer to the
+    exact value on rank-deficient ones (few samples), and 2-6x faster at 2048 dimensions on a CPU,
+    where scipy's Schur-based sqrtm takes 8-120 s."""
+    w, v = np.linalg.eigh(np.asarray(sigma1, dtype=np.float64))
+    root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    lam = np.linalg.eigvalsh(root1 @ np.asarray(sigma2, dtype=np.float64) @ root1)
+    diff = np.asarray(mu1, dtype=np.float64) - np.asarray(mu2, dtype=np.float64)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.sqrt(np.clip(lam, 0.0, None)).sum())
 
+
+def frechet(a: FeatureStats, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> float:
     mu, sigma = a.mean_cov()
-    return float(frechet_distance(mu, sigma, mu_ref, sigma_ref))
+    return frechet_distance(mu, sigma, mu_ref, sigma_ref)
 
 
 class InceptionScoreSums:
