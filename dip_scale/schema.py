@@ -147,6 +147,15 @@ def _coerce(tp, value: Any, key: str, errors: list[str]):
 # --------------------------------------------------------------------------------------------
 # The YAML front door: `base:` inheritance and dotted overrides
 # --------------------------------------------------------------------------------------------
+FRONT_DOOR = """\
+CONFIG.yaml   an experiment YAML (yamls/); a top-level `base: other.yaml` (relative to it) is read
+              first and this file's sections are merged over it
+key.path=value  overrides, applied in order after the YAML; the value is parsed as YAML:
+              trainer.max_duration=100ba  model.head.placement=hybrid  eval.cfg_scales=[1.5,2.9]
+              eval.reference_stats=null; an unknown key is an error with the closest valid names
+`python -m dip_scale.config CONFIG.yaml [key.path=value ...]` prints the resolved config."""
+
+
 def read_yaml(path: str, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
     """Parse a YAML mapping; a top-level `base: other.yaml` (relative to this file) is read first
     and this file's keys are merged over it (mappings merge deeply, other values replace)."""

@@ -3,7 +3,7 @@
 Thin on purpose: load and validate the config (seconds, before any heavy import), check that the
 object storage it names answers, then hand over to dip_scale.training.run (validate -> build ->
 fit -> report). Works under `composer -n N`, as `python dip_scale/train.py` and as
-`python -m dip_scale.train`. Exit codes, the same on every rank (docker/k8s/train-job.yaml's
+`python -m dip_scale.train`. Exit codes, the same on every rank (docker/k8s/base/train-job.yaml's
 podFailurePolicy relies on them): 0 done (also: already complete), 2 config or input error
 (also a damaged data shard, named),
 3 non-finite loss, 4 object storage unreachable, 5 checkpoint refused (authentication / unsafe
@@ -20,7 +20,11 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from dip_scale.config import ConfigError, load_config_or_exit, s3_locations  # noqa: E402
 
 EXIT_CONFIG, EXIT_NONFINITE, EXIT_STORAGE, EXIT_REFUSED = 2, 3, 4, 5
-USAGE = "usage: dip_scale/train.py CONFIG.yaml [key.path=value ...]"
+USAGE = """usage: composer -n GPUS [-m] dip_scale/train.py CONFIG.yaml [key.path=value ...]
+       composer -n GPUS -m dip_scale.train CONFIG.yaml [...]    python dip_scale/train.py CONFIG.yaml [...]    dip-train ...
+Train DiP: Composer's Trainer over DeepSpeed ZeRO, resuming from trainer.save_folder when it holds
+this run's checkpoints. Exit codes: 0 done (or already complete), 2 config or input error,
+3 non-finite loss, 4 object storage unreachable, 5 checkpoint refused."""
 TERM_GRACE_S = 5.0
 
 
@@ -65,26 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("composer", "streaming", "DeepSpeed", "deepspeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # what stops a run, and the exit code each means (first match wins: subclasses first)
+    stops = ((NonFiniteLossError, EXIT_NONFINITE), (CheckpointRefused, EXIT_REFUSED), (storage.StorageUnreachable, EXIT_STORAGE),
+             (ConfigError, EXIT_CONFIG), (ShardError, EXIT_CONFIG), (CheckpointError, EXIT_CONFIG))
     try:
         train(cfg)
-    except ConfigError as e:
-        print(f"dip_scale: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except NonFiniteLossError as e:
+    except tuple(cls for cls, _ in stops) as e:  # a damaged shard, a refused checkpoint, ...: named, no traceback
         print(f"dip_scale (rank {rank}): {e}", file=sys.stderr)
-        return EXIT_NONFINITE
-    except ShardError as e:  # a damaged or unreadable shard, named
-        print(f"dip_scale (rank {rank}): {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except CheckpointRefused as e:
-        print(f"dip_scale (rank {rank}): {e}", file=sys.stderr)
-        return EXIT_REFUSED
-    except CheckpointError as e:
-        print(f"dip_scale (rank {rank}): {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except storage.StorageUnreachable as e:
-        print(f"dip_scale (rank {rank}): {e}", file=sys.stderr)
-        return EXIT_STORAGE
+        return next(code for cls, code in stops if isinstance(e, cls))
     return 0
 
 

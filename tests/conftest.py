@@ -2,7 +2,6 @@
 the real `composer` launcher, and generated ImageNet-layout data."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import socket
 import subprocess
@@ -22,14 +21,6 @@ def env_with_repo_on_path(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env
-
-
-def load_tool(name: str):
-    """Import tools/<name>.py as a module (the tools folder is scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def free_port() -> int:
@@ -107,8 +98,10 @@ def s3(s3_server, monkeypatch, request):
 def demo_tree(tmp_path_factory) -> dict:
     """An ImageNet-layout tree with the real train set's oddities (CMYK, PNG named .JPEG,
     greyscale, truncated) and a flat val/ labelled by LOC_val_solution.csv."""
+    from dip_scale.data import demo_tree
+
     out = tmp_path_factory.mktemp("imagenet")
-    info = load_tool("make_demo_data").make(str(out), classes=4, train_per_class=12, val_per_class=3,
+    info = demo_tree.make(str(out), classes=4, train_per_class=12, val_per_class=3,
                                             val_layout="flat-csv", oddities=True, seed=0)
     return {"root": str(out), **info}
 
@@ -129,11 +122,13 @@ def fake_dinov2_weights(tmp_path) -> str:
 @pytest.fixture(scope="session")
 def tiny_mds(tmp_path_factory) -> str:
     """64 images in 4 classes at 32x32, converted with the real converter."""
+    from dip_scale.data import demo_tree
+
     root = tmp_path_factory.mktemp("train-data")
-    load_tool("make_demo_data").make(str(root / "tree"), classes=4, train_per_class=16, val_per_class=1,
+    demo_tree.make(str(root / "tree"), classes=4, train_per_class=16, val_per_class=1,
                                      val_layout="folders", oddities=False, seed=4)
     proc = subprocess.run(
-        [PYTHON, str(ROOT / "tools" / "convert_imagenet_mds.py"), "--src", str(root / "tree"), "--out", str(root / "mds"),
+        [PYTHON, "-m", "dip_scale.cli.convert", "--src", str(root / "tree"), "--out", str(root / "mds"),
          "--splits", "train", "--resolution", "32", "--workers", "2"],
         capture_output=True, text=True, env=env_with_repo_on_path(), timeout=300,
     )
@@ -144,23 +139,28 @@ def tiny_mds(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def standin_inception(tmp_path_factory) -> str:
     """A small TorchScript net with clean-fid's Inception interface, under the file name clean-fid loads."""
-    return load_tool("make_standin_inception").write(str(tmp_path_factory.mktemp("inception") / "inception-2015-12-05.pt"))
+    from dip_scale.eval import standin_inception
+
+    return standin_inception.write(str(tmp_path_factory.mktemp("inception") / "inception-2015-12-05.pt"))
 
 
 @pytest.fixture(scope="session")
 def clean_run(tiny_mds, tmp_path_factory) -> dict:
-    """120 uninterrupted steps (2 ranks, ZeRO-2, checkpoints every 10): the reference every resumed
-    run must reproduce bit for bit, wherever its checkpoints live and however many nodes it spans."""
+    """40 uninterrupted steps (2 ranks, ZeRO-2, checkpoints every 10): the reference every resumed
+    run must reproduce bit for bit, wherever its checkpoints live and however many nodes it spans,
+    and that the other ZeRO stages, the compiled model and a 1-process run must reproduce to
+    reduction-order tolerance."""
     from training_helpers import LAST, at_step, run, tiny_overrides
 
     root = tmp_path_factory.mktemp("clean")
-    run(tiny_overrides(tiny_mds, root / "run", str(root / "ckpt")), cwd=root)
+    # launched as a module (`composer -m dip_scale.train`): the resumed runs, launched by path, reproduce it
+    run(tiny_overrides(tiny_mds, root / "run", str(root / "ckpt")), cwd=root, module=True)
     return {"run": root / "run", "ckpt": root / "ckpt", "ema": at_step(root / "ckpt", "ema/ep*-ba{step}.safetensors", LAST)}
 
 
 def write_reference(path: str, inception: str, images, mode: str = "clean", **meta) -> str:
     """Reference statistics of `images` (uint8 N x H x W x 3) for every metric of the suite, as
-    tools/make_fid_stats.py writes them (pool and spatial statistics, pool features for P/R)."""
+    dip-fid-stats writes them (pool and spatial statistics, pool features for P/R)."""
     import torch
 
     from dip_scale.eval.features import SPATIAL_DIM, FeatureStats, InceptionFeatures, save_reference, sha256_of

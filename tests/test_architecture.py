@@ -15,7 +15,7 @@ LAYERS = {
     1: ("dip_scale.models", "dip_scale.data", "dip_scale.diffusion", "dip_scale.visual"),
     2: ("dip_scale.config",),
     3: ("dip_scale.training", "dip_scale.eval"),
-    4: ("dip_scale.train",),
+    4: ("dip_scale.train", "dip_scale.cli"),
 }
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, ROOT, env_with_repo_on_path, load_tool
+from dip_scale.data import demo_tree
+from conftest import PYTHON, ROOT, env_with_repo_on_path
 from dip_scale.config import DataConfig, ModelConfig
 from test_data_convert import flip_bytes, run_convert
 
@@ -18,7 +19,7 @@ from test_data_convert import flip_bytes, run_convert
 def sharded(tmp_path_factory) -> str:
     """32 images at 32x32 in 4 classes, about two images per shard."""
     root = tmp_path_factory.mktemp("sharded")
-    load_tool("make_demo_data").make(str(root / "tree"), classes=4, train_per_class=8, val_per_class=1, val_layout="folders", oddities=False, seed=8)
+    demo_tree.make(str(root / "tree"), classes=4, train_per_class=8, val_per_class=1, val_layout="folders", oddities=False, seed=8)
     r = run_convert(root / "tree", root / "mds", "--splits", "train", "--resolution", 32, "--workers", 2, "--shard-size", "8kb")
     assert r.returncode == 0, r.stderr
     return str(root / "mds")
@@ -31,6 +32,7 @@ def _problems(remote, split="train", image_size=32, num_classes=4, **data):
                             ModelConfig(preset="tiny/16", image_size=image_size, num_classes=num_classes))
 
 
+@pytest.mark.slow
 def test_the_data_is_checked_against_the_model(sharded, tmp_path):
     assert _problems(sharded) == []
     [p] = _problems(sharded, image_size=64)
@@ -38,7 +40,7 @@ def test_the_data_is_checked_against_the_model(sharded, tmp_path):
     [p] = _problems(sharded, num_classes=10)
     assert p == f"model.num_classes: 10, but {sharded} holds 4 classes (its dataset.json)"
     [p] = _problems(str(tmp_path / "nope"))
-    assert p.startswith(f"data.remote: no such folder: {tmp_path / 'nope'}") and "convert_imagenet_mds.py" in p
+    assert p.startswith(f"data.remote: no such folder: {tmp_path / 'nope'}") and "dip-convert --src" in p
     [p] = _problems(sharded, split="val")
     assert p == f"data.split: 'val' has no MDS index ({sharded}/val/index.json not found); the splits there: train"
     unhashed = tmp_path / "unhashed"
@@ -59,6 +61,7 @@ def test_missing_s3_data_is_one_line(s3):
     assert p.startswith("data.remote: cannot read s3://no-such-bucket-dip/mds:") and "NoSuchBucket" in p and "\n" not in p
 
 
+@pytest.mark.slow
 def test_train_entry_refuses_mismatched_or_missing_data_before_anything_is_built(sharded, tmp_path):
     def launch(*overrides):
         run_dir = tmp_path / "run"
@@ -104,6 +107,7 @@ def damaged(sharded, tmp_path) -> tuple[str, Path, bytes]:
     return str(remote), shard, shard.read_bytes()
 
 
+@pytest.mark.slow
 def test_a_damaged_shard_read_in_place_is_named_and_kept(damaged, tmp_path):
     from dip_scale.data.streaming import ShardError
 
@@ -149,6 +153,7 @@ def test_validate_hash_on_s3_names_the_object_and_keeps_no_bad_copy(sharded, tmp
     assert _read_all(f"{s3['url']}/mds", cache, workers=2, validate_hash=True) == 32
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_shard_failing_its_check_ahead_of_the_reader_stops_the_epoch(damaged, tmp_path):
     """streaming's download thread fetches ahead; when its hash check fails there, streaming

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import PYTHON, ROOT, env_with_repo_on_path, load_tool
+from dip_scale.data import demo_tree
+from conftest import PYTHON, ROOT, env_with_repo_on_path
 from dip_scale.data.imagenet import center_crop_arr, load_rgb, to_tensor_array
 
 CONVERT = ROOT / "tools" / "convert_imagenet_mds.py"
@@ -56,6 +57,7 @@ def converted_png(demo_tree, tmp_path_factory):
     return {"out": str(out), "first": first, "second": second, "first_report": first_report, "merged_after_first": merged_after_first}
 
 
+@pytest.mark.slow
 def test_bad_file_is_reported_and_the_exit_code_follows_the_flag(converted_png, demo_tree):
     first, out = converted_png["first"], converted_png["out"]
     assert first.returncode == 1, first.stderr
@@ -73,6 +75,7 @@ def test_bad_file_is_reported_and_the_exit_code_follows_the_flag(converted_png, 
     assert report["validation"]["train"]["mismatches"] == [] and report["validation"]["train"]["checked"] == 20
 
 
+@pytest.mark.slow
 def test_counts_labels_and_class_metadata(converted_png, demo_tree):
     out = converted_png["out"]
     train = read_split(os.path.join(out, "train"))
@@ -94,6 +97,7 @@ def test_counts_labels_and_class_metadata(converted_png, demo_tree):
     assert sum(report["splits"]["train"]["per_class"].values()) == len(train)
 
 
+@pytest.mark.slow
 def test_pixels_equal_the_adm_crop_of_the_source_exactly(converted_png, demo_tree):
     odd = demo_tree["oddities"]
     seen = set()
@@ -117,6 +121,7 @@ def test_adm_crop_matches_guided_diffusion_semantics():
     assert np.array_equal(center_crop_arr(img, 128), ref)
 
 
+@pytest.mark.slow
 def test_jpeg_and_original_encodings(demo_tree, tmp_path):
     jpeg_out, orig_out = tmp_path / "jpeg", tmp_path / "orig"
     r = run_convert(demo_tree["root"], jpeg_out, "--splits", "val", "--resolution", 64, "--encoding", "jpeg", "--jpeg-quality", 95, "--workers", 1)
@@ -132,9 +137,10 @@ def test_jpeg_and_original_encodings(demo_tree, tmp_path):
         assert s["image"] == Path(demo_tree["root"], s["key"]).read_bytes()
 
 
+@pytest.mark.slow
 def test_flat_val_with_devkit_ground_truth(tmp_path):
     root = tmp_path / "tree"
-    load_tool("make_demo_data").make(str(root), classes=3, train_per_class=2, val_per_class=3, val_layout="flat-devkit", oddities=False, seed=1)
+    demo_tree.make(str(root), classes=3, train_per_class=2, val_per_class=3, val_layout="flat-devkit", oddities=False, seed=1)
     out = tmp_path / "mds"
     r = run_convert(root, out, "--splits", "val", "--resolution", 32, "--workers", 1)
     assert r.returncode == 0, r.stderr
@@ -145,6 +151,7 @@ def test_flat_val_with_devkit_ground_truth(tmp_path):
     assert {s["key"]: s["label"] for s in read_split(str(out / "val"))} == truth
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes_whatever_the_worker_count(demo_tree, tmp_path):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     common = ["--splits", "val", "--resolution", 32, "--chunk-size", 5]
@@ -163,9 +170,10 @@ def _same_tree(a: Path, b: Path) -> bool:
     return fa == fb and all(filecmp.cmp(a / f, b / f, shallow=False) for f in fa)
 
 
+@pytest.mark.slow
 def test_killed_conversion_resumes_to_the_uninterrupted_result(tmp_path):
     root = tmp_path / "tree"
-    load_tool("make_demo_data").make(str(root), classes=8, train_per_class=24, val_per_class=1, val_layout="folders", oddities=False, seed=2)
+    demo_tree.make(str(root), classes=8, train_per_class=24, val_per_class=1, val_layout="folders", oddities=False, seed=2)
     args = ["--splits", "train", "--resolution", 64, "--chunk-size", 6, "--workers", 2]
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     assert run_convert(root, clean, *args).returncode == 0
@@ -189,6 +197,7 @@ def test_killed_conversion_resumes_to_the_uninterrupted_result(tmp_path):
     assert _same_tree(clean, killed)
 
 
+@pytest.mark.slow
 def test_bad_arguments_fail_before_any_work(tmp_path, demo_tree):
     r = run_convert(demo_tree["root"], tmp_path / "x", "--encoding", "original", "--resolution", 256)
     assert r.returncode == 2 and "--encoding original" in r.stderr and "--resolution 0" in r.stderr
@@ -199,6 +208,7 @@ def test_bad_arguments_fail_before_any_work(tmp_path, demo_tree):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_limit_per_class_makes_balanced_subsets(demo_tree, tmp_path):
     out = tmp_path / "subset"
     r = run_convert(demo_tree["root"], out, "--splits", "val", "--resolution", 32, "--limit-per-class", 2, "--workers", 1)
@@ -207,6 +217,7 @@ def test_limit_per_class_makes_balanced_subsets(demo_tree, tmp_path):
     assert labels == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
+@pytest.mark.slow
 def test_loader_flips_deterministically_per_epoch_and_sample(converted_png):
     import torch
 
@@ -234,7 +245,7 @@ def test_loader_flips_deterministically_per_epoch_and_sample(converted_png):
 def _tree_with_stray_files(root: Path) -> Path:
     """A small tree plus what the real world leaves in one: other formats Pillow reads, a backup
     copy, a sub-folder of a class folder, a loose image under train/ and a note."""
-    load_tool("make_demo_data").make(str(root), classes=3, train_per_class=2, val_per_class=1, val_layout="folders", oddities=False, seed=5)
+    demo_tree.make(str(root), classes=3, train_per_class=2, val_per_class=1, val_layout="folders", oddities=False, seed=5)
     c0, c1 = root / "train" / "n90000000", root / "train" / "n90000001"
     jpeg = c0 / "n90000000_0.JPEG"
     img = load_rgb(jpeg.read_bytes())
@@ -248,6 +259,7 @@ def _tree_with_stray_files(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_every_source_file_is_converted_or_reported_with_its_reason(tmp_path):
     root = _tree_with_stray_files(tmp_path / "tree")
     out = tmp_path / "mds"
@@ -275,6 +287,7 @@ def test_every_source_file_is_converted_or_reported_with_its_reason(tmp_path):
     assert {"path": "LOC_synset_mapping.txt", "reason": "not under a converted split"} in outside
 
 
+@pytest.mark.slow
 def test_limit_per_class_reports_the_files_it_leaves_out(demo_tree, tmp_path):
     out = tmp_path / "subset"
     r = run_convert(demo_tree["root"], out, "--splits", "val", "--resolution", 32, "--limit-per-class", 1, "--workers", 1)
@@ -284,9 +297,10 @@ def test_limit_per_class_reports_the_files_it_leaves_out(demo_tree, tmp_path):
     assert report["files"] == demo_tree["val"]
 
 
+@pytest.mark.slow
 def test_an_empty_class_folder_is_an_error_unless_allowed(tmp_path):
     root = tmp_path / "tree"
-    load_tool("make_demo_data").make(str(root), classes=3, train_per_class=2, val_per_class=1, val_layout="folders", oddities=False, seed=6)
+    demo_tree.make(str(root), classes=3, train_per_class=2, val_per_class=1, val_layout="folders", oddities=False, seed=6)
     (root / "train" / "n90000007").mkdir()
     out = tmp_path / "mds"
     r = run_convert(root, out, "--splits", "train", "--resolution", 32, "--workers", 1)
@@ -305,7 +319,7 @@ def test_an_empty_class_folder_is_an_error_unless_allowed(tmp_path):
 @pytest.fixture(scope="module")
 def small_tree(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("small-tree")
-    load_tool("make_demo_data").make(str(root), classes=3, train_per_class=4, val_per_class=1, val_layout="folders", oddities=False, seed=7)
+    demo_tree.make(str(root), classes=3, train_per_class=4, val_per_class=1, val_layout="folders", oddities=False, seed=7)
     return root
 
 
@@ -318,6 +332,7 @@ def _listing(out: str, s3=None) -> dict[str, bytes]:
     return {o["Key"]: s3["client"].get_object(Bucket=s3["bucket"], Key=o["Key"])["Body"].read() for o in objects}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_an_output_split_holding_another_writers_index_is_refused(small_tree, tmp_path, where, request):
     from streaming import MDSWriter
@@ -335,6 +350,7 @@ def test_an_output_split_holding_another_writers_index_is_refused(small_tree, tm
     assert _listing(out, s3) == before  # nothing written, nothing replaced
 
 
+@pytest.mark.slow
 def test_a_finished_conversion_reruns_to_the_same_index(small_tree, tmp_path):
     out = tmp_path / "mds"
     assert run_convert(small_tree, out, "--splits", "train", "--resolution", 32, "--workers", 1).returncode == 0
@@ -351,6 +367,7 @@ def flip_bytes(data: bytes) -> bytes:
     return data[:at] + bytes(b ^ 0xFF for b in data[at : at + 16]) + data[at + 16 :]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_validate_checks_every_shard_hash_and_names_a_damaged_shard(small_tree, tmp_path, where, request):
     s3 = request.getfixturevalue("s3") if where == "s3" else None

@@ -6,7 +6,8 @@ import subprocess
 
 import pytest
 
-from conftest import PYTHON, ROOT, composer_launch, env_with_repo_on_path, load_tool
+from dip_scale.data import demo_tree
+from conftest import PYTHON, ROOT, composer_launch, env_with_repo_on_path
 
 READ = ROOT / "tests" / "scripts" / "read_epoch.py"
 pytestmark = pytest.mark.slow
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.slow
 def tree32(tmp_path_factory):
     """32 train images in 4 classes: divisible by the global batch, so an epoch has no padding."""
     root = tmp_path_factory.mktemp("tree32")
-    load_tool("make_demo_data").make(str(root), classes=4, train_per_class=8, val_per_class=1, val_layout="folders", oddities=False, seed=3)
+    demo_tree.make(str(root), classes=4, train_per_class=8, val_per_class=1, val_layout="folders", oddities=False, seed=3)
     return str(root)
 
 

@@ -4,16 +4,15 @@ sFID, known closed-form values, and ADM's file layouts read and written."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
 from dip_scale.eval.features import SPATIAL_DIM, FeatureStats, InceptionFeatures, load_reference_set, sha256_of
 from dip_scale.eval.metrics import InceptionScoreSums, MetricState, frechet, precision_recall
+from dip_scale.eval.metrics import frechet_distance as ours_frechet
 
 
 def test_inception_score_equals_torch_fidelity_and_known_values():
@@ -50,6 +49,7 @@ def test_precision_recall_equal_torch_fidelity_and_the_limits():
     assert precision_recall(ref, ref + 100.0) == (0.0, 0.0)
 
 
+@pytest.mark.slow
 def test_fid_and_sfid_from_running_sums_equal_clean_fid_on_the_features():
     from cleanfid.fid import frechet_distance
 
@@ -64,14 +64,17 @@ def test_fid_and_sfid_from_running_sums_equal_clean_fid_on_the_features():
     for key, stats in (("pool", state.pool), ("spatial", state.spatial)):
         mu_r, s_r = ref[key].mean(0), np.cov(ref[key], rowvar=False)
         theirs = frechet_distance(feats[key].mean(0), np.cov(feats[key], rowvar=False), mu_r, s_r)
-        assert frechet(stats, mu_r, s_r) == pytest.approx(theirs, rel=1e-6)
+        assert frechet(stats, mu_r, s_r) == pytest.approx(theirs, rel=1e-6)  # 600 samples: rank-deficient
+    # full-rank statistics (more samples than dimensions), the paper's case: equal to rounding
+    a, b = rng.gamma(2.0, 1.0, size=(3000, 512)), rng.gamma(2.1, 1.0, size=(3000, 512))
+    stats = (a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert ours_frechet(*stats) == pytest.approx(frechet_distance(*stats), rel=1e-10)
 
 
 def test_spatial_features_are_mixed6_conv_first_seven_channels_in_adm_order(standin_inception):
     """Read back independently: a forward hook on the eager network's mixed_6.conv, channels
     0..6, flattened height, width, channel (TensorFlow's NHWC, as ADM's evaluator flattens)."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    from make_standin_inception import StandInInception
+    from dip_scale.eval.standin_inception import StandInInception
 
     eager = StandInInception(seed=0).eval()  # the same weights as the scripted file (seed 0)
     seen = {}
@@ -109,6 +112,7 @@ def _adm_reference(path: Path, images: np.ndarray, inception: str, mode: str) ->
              mu_s=f["spatial"].mean(0), sigma_s=np.cov(f["spatial"], rowvar=False))
 
 
+@pytest.mark.slow
 def test_adm_reference_and_sample_batches_in_and_out(standin_inception, tmp_path):
     """One sampling pass -> the five metrics against an ADM-layout reference; --save-npz writes
     ADM's sample batch, which read back gives the same features, and `--samples` on it gives the
@@ -151,6 +155,7 @@ def test_adm_reference_and_sample_batches_in_and_out(standin_inception, tmp_path
     assert again["samples"]["sha256"] == sha256_of(str(tmp_path / "samples.npz")) and again["sampler"] is None
 
 
+@pytest.mark.slow
 def test_a_reference_without_what_a_metric_needs_is_named_before_sampling(standin_inception, tmp_path):
     from dip_scale.eval.features import save_reference
     from test_eval import _fid_cli, _images, _tiny_model_file

@@ -280,10 +280,10 @@ def test_a_refused_endpoint_is_one_clear_line_within_a_minute(tiny_mds, tmp_path
 
 
 def test_a_silent_endpoint_does_not_hang_the_converter(tmp_path):
-    from conftest import load_tool
+    from dip_scale.data import demo_tree
 
     silent = _Silent()
-    load_tool("make_demo_data").make(str(tmp_path / "tree"), classes=2, train_per_class=2, val_per_class=1,
+    demo_tree.make(str(tmp_path / "tree"), classes=2, train_per_class=2, val_per_class=1,
                                      val_layout="folders", oddities=False, seed=0)
     endpoint = f"http://127.0.0.1:{silent.port}"
     env = env_with_repo_on_path(S3_ENDPOINT_URL=endpoint, AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x")

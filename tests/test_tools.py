@@ -4,9 +4,12 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
 from PIL import Image
 
 from conftest import PYTHON, ROOT, env_with_repo_on_path
+
+pytestmark = pytest.mark.slow  # each runs a tool in a process of its own
 
 
 def _run(*args, timeout=600):
@@ -15,12 +18,14 @@ def _run(*args, timeout=600):
     return proc.stdout.strip().splitlines()
 
 
-def test_overfit_single_image_writes_the_comparison(tmp_path):
+def test_overfit_single_image_shows_dip_beating_dit_only(tmp_path):
+    """The paper's Fig. 3 in miniature at a fifth of the tool's steps and half its size (~1 min
+    on 2 cores): DiP reconstructs the image better than DiT-only (measured: 27.0 vs 25.0 dB)."""
     png = tmp_path / "fig3.png"
-    lines = _run(ROOT / "tools" / "overfit_single_image.py", "--steps", "20", "--size", "32", "--sample-steps", "5", "--out", png)
+    lines = _run(ROOT / "tools" / "overfit_single_image.py", "--steps", "300", "--size", "32", "--sample-steps", "20", "--out", png)
     result = json.loads(lines[-1])
-    assert set(result) >= {"psnr_dit_only", "psnr_dip"}
-    assert 0 < result["psnr_dit_only"] < 100 and 0 < result["psnr_dip"] < 100
+    assert result["psnr_dip"] > result["psnr_dit_only"] + 1.0, result  # dB
+    assert result["verdict"].startswith("DiP beats DiT-only by") and result["verdict"] in lines
     assert result["params_dip"] > result["params_dit_only"]
     with Image.open(png) as im:
         assert im.width >= 3 * 32 and im.height >= 32  # original | DiT-only | DiP
@@ -32,8 +37,9 @@ def test_bench_model_compares_heads_on_one_trunk():
     heads = [r["head"] for r in result["rows"]]
     assert heads == ["none", "conv_unet"]
     dit, dip = result["rows"]
-    assert dit["forward_ms"] > 0 and dip["forward_ms"] > 0
-    assert dip["ratio_vs_first"] == round(dip["forward_ms"] / dit["forward_ms"], 3)  # the table's ratio is DiP over DiT-only
+    # the detailer head costs time on top of the same trunk (at tiny/16 @64 on a CPU ~3x: the head
+    # is as large as the trunk there; the paper's XL/16: 0.92 s vs 0.88 s)
+    assert dip["forward_ms"] > dit["forward_ms"] > 0 and dip["ratio_vs_first"] > 1
     assert dip["params"] > dit["params"] and dip["gmacs_per_image"] > dit["gmacs_per_image"]  # the head adds work
 
 

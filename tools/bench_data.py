@@ -11,15 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import torch
 
 
 def bench_encoding(tree: str, out: str, encoding: str, args, samples) -> dict:
@@ -82,16 +77,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import make_demo_data
-
+    from dip_scale.data import demo_tree
     from dip_scale.data.convert import find_wnids, scan_split, shuffled
     from dip_scale.data.imagenet import class_index
 
     with tempfile.TemporaryDirectory() as tmp:
         tree = os.path.join(tmp, "tree")
-        per_class = max(1, args.images // len(make_demo_data.PHOTOS))
-        make_demo_data.make(tree, len(make_demo_data.PHOTOS), per_class, 0, "folders", False, 0, short_side=(300, 500))
+        per_class = max(1, args.images // len(demo_tree.PHOTOS))
+        demo_tree.make(tree, len(demo_tree.PHOTOS), per_class, 0, "folders", False, 0, short_side=(300, 500))
         classes = class_index(find_wnids(tree))
         samples = shuffled(scan_split(tree, "train", classes, None).samples, 0, "train")
         rows = [bench_encoding(tree, os.path.join(tmp, enc), enc, args, samples) for enc in args.encodings.split(",")]

@@ -20,9 +20,6 @@ import sys
 import tempfile
 import time
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def _rate(fn, n: int, repeats: int = 1) -> float:
     """images per second of fn() processing n images (best of `repeats`)."""
@@ -62,10 +59,9 @@ def main(argv=None) -> int:
     dev = torch.device(args.device)
     inception = args.inception
     if inception is None:  # the offline stand-in with the real network's layout (timings of its size, not Inception's)
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        import make_standin_inception
+        from dip_scale.eval.standin_inception import write
 
-        inception = make_standin_inception.write(os.path.join(tempfile.mkdtemp(prefix="bench-eval-"), "inception-2015-12-05.pt"))
+        inception = write(os.path.join(tempfile.mkdtemp(prefix="bench-eval-"), "inception-2015-12-05.pt"))
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.samples, args.size, args.size, 3), dtype=np.uint8)
     batches = [images[i : i + args.batch] for i in range(0, args.samples, args.batch)]
@@ -121,15 +117,13 @@ def main(argv=None) -> int:
             "pr_n": args.pr_n, "pr_ref": args.pr_ref, "pr_seconds_50k_extrapolated": float(f"{pr_50k:.3g}"),
             "pass_ratio_all_over_fid_only": round(per_img_new / per_img_old, 3),
             "pr_features_memory_mb_50k": round(50000 * 2048 * 4 / 2**20, 1)}
-    print(f"device {args.device}, {args.size} px, {args.mode}, sampler {args.preset} x {args.steps} steps")
-    print(f"{'stage':<22} {'FID only':>12} {'all metrics':>12}")
-    print(f"{'sampling img/s':<22} {sampling:>12.2f} {sampling:>12.2f}")
-    print(f"{'features img/s':<22} {feat_old:>12.1f} {feat_new:>12.1f}")
-    print(f"{'statistics img/s':<22} {stats_old:>12.1f} {stats_new:>12.1f}")
-    print(f"{'P/R k-NN s':<22} {'-':>12} {pr_s:>12.2f}  ({args.pr_n} samples vs {args.pr_ref}; 50k vs 10k extrapolated: {pr_50k:.0f} s)")
+    table = [(stage, f"{a:>12.{d}f}", f"{b:>12.{d}f}") for stage, a, b, d in (
+        ("sampling img/s", sampling, sampling, 2), ("features img/s", feat_old, feat_new, 1), ("statistics img/s", stats_old, stats_new, 1))]
+    table.append(("P/R k-NN s", f"{'-':>12}", f"{pr_s:>12.2f}  ({args.pr_n} samples vs {args.pr_ref}; 50k vs 10k extrapolated: {pr_50k:.0f} s)"))
+    print(f"device {args.device}, {args.size} px, {args.mode}, sampler {args.preset} x {args.steps} steps\n"
+          f"{'stage':<22} {'FID only':>12} {'all metrics':>12}\n" + "\n".join(f"{s:<22} {a} {b}" for s, a, b in table))
     print(f"whole pass, all metrics / FID only: {rows['pass_ratio_all_over_fid_only']:.3f} "
-          f"(P/R keeps {rows['pr_features_memory_mb_50k']} MB of pool features at 50k)")
-    print(json.dumps(rows))
+          f"(P/R keeps {rows['pr_features_memory_mb_50k']} MB of pool features at 50k)\n{json.dumps(rows)}")
     return 0
 
 

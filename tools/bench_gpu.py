@@ -71,7 +71,6 @@ def _init_single_process(device) -> None:
 def bench_train(model_cfg, objective_cfg, batch: int, compile_: bool, device, steps: int, peak_flops: float, images=None) -> dict:
     import deepspeed
 
-    from dip_scale.data.imagenet import to_model_range
     from dip_scale.diffusion.flow import FlowMatchingObjective
     from dip_scale.models import build_model
     from dip_scale.models.summary import trained_macs_per_image
@@ -195,18 +194,17 @@ def _demo_inputs(workdir: str) -> tuple[str, str]:
     """Offline stand-ins: demo MDS shards and the stand-in Inception (built once in workdir)."""
     import subprocess
 
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import make_demo_data
-    import make_standin_inception
+    from dip_scale.data import demo_tree
+    from dip_scale.eval import standin_inception
 
     inception = os.path.join(workdir, "inception-2015-12-05.pt")
     if not os.path.exists(inception):
-        make_standin_inception.write(inception)
+        standin_inception.write(inception)
     mds = os.path.join(workdir, "mds")
     if not os.path.exists(os.path.join(mds, "train", "index.json")):
-        make_demo_data.make(os.path.join(workdir, "tree"), classes=4, train_per_class=64, val_per_class=1,
+        demo_tree.make(os.path.join(workdir, "tree"), classes=4, train_per_class=64, val_per_class=1,
                             val_layout="folders", oddities=False, seed=0)
-        subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_imagenet_mds.py"), "--src", os.path.join(workdir, "tree"),
+        subprocess.run([sys.executable, "-m", "dip_scale.cli.convert", "--src", os.path.join(workdir, "tree"),
                         "--out", mds, "--splits", "train", "--resolution", "64", "--workers", "1"], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return mds, inception

@@ -1,4 +1,4 @@
-"""Time tools/import_released_checkpoint.py on a full-size released-format checkpoint.
+"""Time dip-import-released (dip_scale/models/released.py) on a full-size released-format checkpoint.
 
     python tools/bench_import.py [CONFIG.yaml [model.key=value ...]]   # default: the paper's DiP-XL/16
 
@@ -9,6 +9,7 @@ Last line: one JSON object. XL/16 needs ~5 GB of disk and ~8 GB of memory.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -39,9 +40,12 @@ def released_layout(model_cfg) -> dict[str, tuple]:
     return out
 
 
-def main(argv: list[str]) -> int:
-    config = argv[0] if argv else os.path.join(os.path.dirname(__file__), "..", "yamls", "dip_xl16_600ep.yaml")
-    model_cfg = load_model_config(config, argv[1:])
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", nargs="?", default=os.path.join(os.path.dirname(__file__), "..", "yamls", "dip_xl16_600ep.yaml"))
+    ap.add_argument("overrides", nargs="*", help="key.path=value overrides of the config's model section")
+    args = ap.parse_args(argv)
+    model_cfg = load_model_config(args.config, args.overrides)
     layout = released_layout(model_cfg)
     d = model_cfg.trunk().hidden_size
     g = torch.Generator().manual_seed(0)
@@ -72,4 +76,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -119,6 +119,14 @@ def main() -> None:
     print(f"{'DiT-only':<10} {n_dit:>10,} {s_dit:>8.1f} {psnr_dit:>8.2f}")
     print(f"{'DiP':<10} {n_dip:>10,} {s_dip:>8.1f} {psnr_dip:>8.2f}")
     print(f"side-by-side: {args.out}")
+    gain = psnr_dip - psnr_dit
+    if gain > 0:
+        verdict = f"DiP beats DiT-only by {gain:.2f} dB"
+    else:  # say why the comparison did not come out as the paper's Fig. 3
+        verdict = (f"DiP does not beat DiT-only here ({gain:+.2f} dB): " +
+                   (f"{args.steps} steps are too few for either model to fit the image (both below 20 dB)"
+                    if max(psnr_dip, psnr_dit) < 20 else "see the side-by-side; the paper's gap needs the defaults"))
+    print(verdict)
     result = {
         "psnr_dit_only": round(psnr_dit, 3),
         "psnr_dip": round(psnr_dip, 3),
@@ -128,6 +136,7 @@ def main() -> None:
         "params_dit_only": n_dit,
         "params_dip": n_dip,
         "png": args.out,
+        "verdict": verdict,
     }
     print(json.dumps(result))
 

@@ -1,6 +1,6 @@
 """Convert an ImageNet-1k tree to MDS shards, locally or straight to S3.
 
-    python tools/convert_imagenet_mds.py --src /data/imagenet --out s3://bucket/imagenet-mds-256
+    dip-convert --src /data/imagenet --out s3://bucket/imagenet-mds-256
 
 Input: train/<wnid>/*.JPEG; val/ in <wnid>/ folders or flat with LOC_val_solution.csv or the
 devkit's ILSVRC2012_validation_ground_truth.txt + meta.mat. Classes are the sorted wnids.
@@ -20,12 +20,9 @@ import argparse
 import os
 import sys
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dip_scale.data.convert import ConvertError, Settings, convert  # noqa: E402
-from dip_scale.storage import StorageUnreachable  # noqa: E402
-from dip_scale.data.imagenet import ENCODINGS  # noqa: E402
+from dip_scale.data.convert import ConvertError, Settings, convert
+from dip_scale.storage import StorageUnreachable
+from dip_scale.data.imagenet import ENCODINGS
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

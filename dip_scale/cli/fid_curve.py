@@ -1,6 +1,6 @@
 """A run's evaluation table and curves from the results its eval jobs left next to the checkpoints.
 
-    python tools/fid_curve.py s3://bkt/runs/dip-xl16-600ep/checkpoints [--out fid.png]
+    dip-fid-curve s3://bkt/runs/dip-xl16-600ep/checkpoints [--out fid.png]
 
 Reads every `<save_folder>/eval/*.json` (local or s3://), prints the paper's Table 1 layout (a row
 per checkpoint and guidance scale: FID, sFID, IS, precision, recall) and draws the curves as a PNG
@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None) -> int:

@@ -1,11 +1,11 @@
 """Reference statistics for the evaluation suite (docs/evaluation.md): Inception features of a
 converted split, or of an images .npz, as running float64 sums.
 
-    python tools/make_fid_stats.py --data s3://bkt/imagenet-mds-256 --split train \\
+    dip-fid-stats --data s3://bkt/imagenet-mds-256 --split train \\
         --inception /opt/dip_scale/weights/inception-2015-12-05.pt --out s3://bkt/fid/imagenet256_train.npz
-    python tools/make_fid_stats.py --images-npz IMAGES.npz --inception W --out REF.npz   # ADM's layout
+    dip-fid-stats --images-npz IMAGES.npz --inception W --out REF.npz   # ADM's layout
 
-From a split written by tools/convert_imagenet_mds.py (already ADM centre-cropped, so the
+From a split written by dip-convert (already ADM centre-cropped, so the
 reference sees exactly the preprocessing the model trained on): an .npz with `mu`, `sigma`
 (pool features: FID), `mu_s`, `sigma_s` (spatial features: sFID), `pr_features` (pool features of
 the first --pr-images images: precision/recall) and a JSON `meta` (feature mode, image count,
@@ -16,12 +16,8 @@ resolution, source, Inception sha256) that `eval.reference_stats` points at. Fro
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
-
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None) -> int:

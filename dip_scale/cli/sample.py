@@ -1,6 +1,6 @@
 """Sample a grid from an exported model file (EMA safetensors written at every checkpoint).
 
-    python tools/sample.py s3://bkt/runs/dip-xl16/checkpoints/ema/ep100-ba500400.safetensors \
+    dip-sample s3://bkt/runs/dip-xl16/checkpoints/ema/ep100-ba500400.safetensors \
         --classes 207,360 --per-class 4 --out grid.png [--steps 100 --cfg-scale 2.9 --method euler]
 
 Needs neither DeepSpeed nor the experiment YAML: the architecture is stored in the file. Sampler
@@ -9,15 +9,11 @@ defaults are the paper's (Euler, 100 steps, CFG 2.9 on t in [0.03, 0.89], t = 1 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from dip_scale.config import SamplerConfig, spread_classes  # noqa: E402
+from dip_scale.config import SamplerConfig, spread_classes
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
 """Print the parameter / compute table of a config's model without allocating it.
 
-    python tools/model_summary.py yamls/dip_xl16_600ep.yaml [model.head.type=none ...]
+    dip-summary yamls/dip_xl16_600ep.yaml [model.head.type=none ...]
 
 Built on the meta device, so XL/32 at 512 costs no memory. The last line is one JSON object
 (params, params_trunk, params_head, gmacs_per_image, ...) for scripts.
@@ -13,8 +13,8 @@ import sys
 from dip_scale.config import load_config_or_exit
 
 
-def main(argv: list[str]) -> int:
-    cfg = load_config_or_exit(argv, __doc__.strip())
+def main(argv: list[str] | None = None) -> int:
+    cfg = load_config_or_exit(sys.argv[1:] if argv is None else argv, "usage: dip-summary CONFIG.yaml [key.path=value ...]\n\n" + __doc__.strip())
     from dip_scale.models.summary import summarize
 
     s = summarize(cfg.model)
@@ -30,4 +30,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""ImageNet tree -> MDS shards: parallel, resumable, deterministic (tools/convert_imagenet_mds.py).
+"""ImageNet tree -> MDS shards: parallel, resumable, deterministic (dip-convert).
 
 The sample list of a split is sorted, shuffled with the seed, and cut into fixed chunks; each
 chunk becomes one MDS partition `<out>/<split>/chunk-NNNNN/` written by one worker process

@@ -3,7 +3,7 @@ each class filled with random crops of its photograph (varied sizes and aspect r
 JPEG like ImageNet). The embedded-default demo converts it; the tests reuse it, adding the
 oddities of the real ImageNet train set with --oddities.
 
-    python tools/make_demo_data.py --out data/demo-imagenet [--classes 8] [--train-per-class 48]
+    dip-demo-data --out data/demo-imagenet [--classes 8] [--train-per-class 48]
 
 Layout: train/<wnid>/*.JPEG, val/ (per --val-layout), LOC_synset_mapping.txt.
 """
@@ -127,7 +127,7 @@ def _mkdir(path: str) -> str:
     return path
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--classes", type=int, default=8)
@@ -136,12 +136,14 @@ def main() -> None:
     ap.add_argument("--val-layout", default="folders", choices=VAL_LAYOUTS)
     ap.add_argument("--oddities", action="store_true", help="add a CMYK, a PNG-as-JPEG, a greyscale and a truncated file")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if os.path.exists(os.path.join(args.out, "train")):
-        sys.exit(f"{args.out} already holds a dataset; remove it or pick another --out")
+        print(f"{args.out} already holds a dataset; remove it or pick another --out", file=sys.stderr)
+        return 2
     info = make(args.out, args.classes, args.train_per_class, args.val_per_class, args.val_layout, args.oddities, args.seed)
     print(f"wrote {info['train']} train and {info['val']} val images in {info['classes']} classes to {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

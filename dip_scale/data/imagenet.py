@@ -1,7 +1,7 @@
 """ImageNet-1k as MDS: the one schema shared by the converter (writer) and the loader (reader),
 so the two can never disagree on class order, preprocessing or encoding.
 
-Layout written by tools/convert_imagenet_mds.py under `--out`:
+Layout written by dip-convert under `--out`:
     <out>/dataset.json              classes (index, wnid, name), preprocessing, encoding
     <out>/conversion_report.json    counts per split and class, every file not converted and why, settings, time
     <out>/<split>/index.json        the merged MDS index of the split (an xxh64 hash per shard)

@@ -1,4 +1,4 @@
-"""The training loader: MDS shards written by tools/convert_imagenet_mds.py, streamed from a
+"""The training loader: MDS shards written by dip-convert, streamed from a
 local folder or s3:// (S3_ENDPOINT_URL + AWS credentials), decoded to (image, label) pairs.
 
 Resumption is exact through Composer's dataset state: Composer calls
@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from dip_scale import storage
 from dip_scale.data.imagenet import DATASET_FILE, INDEX_FILE, SHARD_HASH, DatasetInfo, to_tensor_array
 
-CHECK_HINT = "check every shard with tools/convert_imagenet_mds.py --validate (same arguments as the conversion)"
+CHECK_HINT = "check every shard with dip-convert --validate (same arguments as the conversion)"
 
 
 class ShardError(RuntimeError):
@@ -112,7 +112,7 @@ def dataset_problems(data_cfg, model_cfg) -> list[str]:
     folder, split or index, a resolution or class count other than the model's (from the
     converter's dataset.json), an index without the hashes data.validate_hash needs."""
     remote = data_cfg.remote
-    convert = f"convert the data first: python tools/convert_imagenet_mds.py --src ... --out {remote}"
+    convert = f"convert the data first: dip-convert --src ... --out {remote}"
     if not storage.is_s3(remote) and not os.path.isdir(remote):
         return [f"data.remote: no such folder: {remote} ({convert})"]
     index_path = storage.join(remote, data_cfg.split, INDEX_FILE)
@@ -148,7 +148,7 @@ def build_dataset(data_cfg, *, device_batch_size: int, seed: int, cache_dir: str
     if not storage.is_s3(split) and not os.path.isfile(os.path.join(split, INDEX_FILE)):
         raise FileNotFoundError(
             f"data.remote: no MDS index at {split}/{INDEX_FILE}; convert the data first "
-            "(python tools/convert_imagenet_mds.py --src ... --out " + data_cfg.remote + ")"
+            "(dip-convert --src ... --out " + data_cfg.remote + ")"
         )
     if storage.is_s3(split) or data_cfg.validate_hash:
         remote, local = split, data_cfg.local or cache_dir

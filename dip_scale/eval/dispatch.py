@@ -183,7 +183,7 @@ class EvalDispatch(Callback):
         if dist.get_global_rank() == 0:  # before the Trainer is built: a bad setting costs seconds
             ref = cfg.eval.reference_stats
             if storage.is_s3(ref) and not storage.exists(ref):
-                raise ConfigError(f"eval.reference_stats: not found: {ref} (tools/make_fid_stats.py writes it)")
+                raise ConfigError(f"eval.reference_stats: not found: {ref} (dip-fid-stats writes it)")
             self.backend.check()
 
     @property

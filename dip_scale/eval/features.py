@@ -210,7 +210,7 @@ class Reference:
 
 
 def load_reference_set(path: str) -> Reference:
-    """Our .npz (tools/make_fid_stats.py) or ADM's reference batch as it is
+    """Our .npz (dip-fid-stats) or ADM's reference batch as it is
     (VIRTUAL_imagenet256_labeled.npz: mu, sigma, mu_s, sigma_s and the images arr_0; it records
     no meta). meta["sha256"] is the file's, from the same read."""
     data = storage.read_bytes(path)
@@ -267,4 +267,4 @@ def reference_problem(path: str, meta: dict, *, inception_sha256: str, feature_m
         return (f"{path} records no Inception network (e.g. ADM's reference batch); to compare with it anyway "
                 f"pass --foreign-reference (eval.foreign_reference: true)")
     return (f"{path} was built with Inception sha256 {recorded}, this evaluation uses {inception_sha256}; "
-            f"rebuild it with tools/make_fid_stats.py or pass --foreign-reference")
+            f"rebuild it with dip-fid-stats or pass --foreign-reference")

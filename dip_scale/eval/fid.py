@@ -213,7 +213,7 @@ def evaluate(
     problem = reference_problem(reference, ref.meta, inception_sha256=inception_sha256, feature_mode=feature_mode,
                                 image_size=image_size, foreign=foreign_reference)
     if not problem and ref.missing_for(metrics):
-        problem = f"{reference} cannot serve {'; '.join(ref.missing_for(metrics))}: rebuild it with tools/make_fid_stats.py or drop those metrics (eval.metrics)"
+        problem = f"{reference} cannot serve {'; '.join(ref.missing_for(metrics))}: rebuild it with dip-fid-stats or drop those metrics (eval.metrics)"
     if problem:
         raise ValueError(problem)
     world = 1 if given is not None else processes or (torch.cuda.device_count() if dev.type == "cuda" else 1)

@@ -1,7 +1,7 @@
 """Write a small random conv net with the interface of clean-fid's TorchScript Inception
 (`inception-2015-12-05.pt`) for offline demos and tests.
 
-    python tools/make_standin_inception.py --out data/demo-weights/inception-2015-12-05.pt
+    dip-standin-inception --out data/demo-weights/inception-2015-12-05.pt
 
 The real file cannot be fetched here (nothing is downloaded at run time), but the whole FID path
 - clean-fid's InceptionV3W loading a TorchScript file, its resizers, our running statistics and

@@ -1,7 +1,7 @@
 """Import a released DiP checkpoint (NJU-PCALab/DiP, a PyTorch Lightning `.ckpt`) as a
 dip_scale model file, so the paper's weights sample, evaluate and fine-tune here unchanged.
 
-    python tools/import_released_checkpoint.py CKPT CONFIG.yaml [key.path=value ...] \\
+    dip-import-released CKPT CONFIG.yaml [key.path=value ...] \\
         --out MODEL.safetensors [--weights ema|online]
 
 CKPT is `.ckpt` / `.pt` / `.pth` (read with `torch.load(weights_only=True)`: nothing pickled is
@@ -19,15 +19,13 @@ input, where ours holds the released w1 and w3 stacked.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import re
-import sys
 import tempfile
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -228,29 +226,3 @@ def import_checkpoint(ckpt: str, model_cfg, out: str, weights: str = "ema", say:
                "repa_projector": bool(projector), "seconds": round(time.time() - t0, 1)}
     say(f"wrote {out} in {summary['seconds']} s")
     return summary
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    from dip_scale.models.spec import load_model_config
-    from dip_scale.schema import ConfigError
-
-    ap = argparse.ArgumentParser(prog="import_released_checkpoint", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("ckpt", help="released checkpoint: .ckpt / .pt / .pth / .safetensors, local or s3://")
-    ap.add_argument("config", help="experiment YAML whose model: section describes the checkpoint (e.g. yamls/dip_xl16_600ep.yaml)")
-    ap.add_argument("overrides", nargs="*", help="key.path=value overrides of the config (e.g. model.depth=28)")
-    ap.add_argument("--out", required=True, help="model file to write (local or s3://)")
-    ap.add_argument("--weights", default="ema", choices=sorted(WEIGHT_SETS), help="ema (default: what the paper samples from) or online")
-    args = ap.parse_intermixed_args(argv)  # overrides may follow --out
-    try:
-        model_cfg = load_model_config(args.config, args.overrides)
-        summary = import_checkpoint(args.ckpt, model_cfg, args.out, args.weights, say=lambda m: print(m, file=sys.stderr))
-    except (ConfigError, ReleasedCheckpointError, FileNotFoundError) as e:
-        print(f"import_released_checkpoint: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """Parameter and compute accounting of a model config, measured on the meta device (shapes
 only, no memory): parameters of the trunk and of the output path (detailer head(s), injection,
 or the DiT final layer), and multiply-accumulates of one forward pass counted by PyTorch's
-FlopCounterMode. Used by tools/model_summary.py and for MFU during training."""
+FlopCounterMode. Used by dip-summary and for MFU during training."""
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,5 @@
 """Start a fresh run from a model file (`trainer.init_from`): an EMA export of another run, or a
-released DiP imported with tools/import_released_checkpoint.py.
+released DiP imported with dip-import-released.
 
 The weights are loaded into the module before DeepSpeed wraps it, so every rank starts from
 them and ZeRO partitions them as usual; the REPA projector comes from the file's
