@@ -18,7 +18,7 @@ import yaml
 
 from dip_scale.models.presets import PRESETS
 from dip_scale.models.spec import HeadConfig, ModelConfig, model_problems
-from dip_scale.schema import ConfigError, apply_override, build, build_section, read_yaml, time_string_problem
+from dip_scale.schema import FRONT_DOOR, ConfigError, apply_override, build, build_section, read_yaml, time_string_problem
 
 __all__ = ["ConfigError", "ExperimentConfig", "HeadConfig", "ModelConfig", "build_section", "load_config", "to_dict", "to_yaml"]
 
@@ -94,9 +94,10 @@ class TrainerConfig:
     start_over: bool = False
     device: Literal["auto", "cpu", "gpu"] = "auto"
     device_train_microbatch_size: Optional[int] = None
-    progress_bar: bool = True
+    # null: a progress bar when stderr is a terminal, periodic console lines otherwise (k8s logs)
+    progress_bar: Optional[bool] = None
     console_log_interval: str = "100ba"
-    # a dip_scale model file (an EMA export, or tools/import_released_checkpoint.py's output) that
+    # a dip_scale model file (an EMA export, or dip-import-released's output) that
     # a fresh run starts from: model weights, EMA, and the REPA projector when the file has one.
     # A run that resumes from its own checkpoints ignores it. Local path or s3://
     init_from: Optional[str] = None
@@ -120,6 +121,12 @@ class LoggingConfig:
     sample_classes: Optional[list[int]] = None  # None: spread_classes(model.num_classes)
     sample_seed: int = 0
     peak_flops: Optional[float] = None  # per-device peak FLOP/s for MFU (None: no MFU)
+    # where <run_dir>'s artefacts (metrics.jsonl, samples/, fid.jsonl, fid.png, config.yaml) are
+    # mirrored as they are written, and restored from on a fresh disk (training/mirror.py). None:
+    # <save_folder>/../run (or ../run/<run_name> when that parent is shared) for an s3:// save folder, else no mirror
+    run_upload: Optional[str] = None
+    run_mirror: bool = True  # false: no mirror, wherever run_upload points
+    run_upload_interval: float = 30.0  # seconds between uploads of what changed (every checkpoint waits for one)
 
 
 @dataclass
@@ -149,7 +156,7 @@ class EvalConfig:
     # clean-fid's TorchScript Inception (inception-2015-12-05.pt), a local file where the job runs
     inception_weights: Optional[str] = None
     # mean/covariance of the reference set (.npz with mu, sigma: ADM's VIRTUAL_imagenet256_labeled.npz
-    # or tools/make_fid_stats.py output); local path or s3://
+    # or dip-fid-stats output); local path or s3://
     reference_stats: Optional[str] = None
     # the reference records no (or another) Inception network, e.g. ADM's: compare anyway; the
     # result's protocol says so (without it such a reference is refused)
@@ -167,6 +174,196 @@ class EvalConfig:
     max_retries: int = 2  # an eval that fails is dispatched again (a new Job / process) up to this many times
     wait_at_end: bool = False  # local backend: training waits for queued evals before exiting
     kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# loggers: / callbacks: Composer's own classes under their own argument names (docs/operations.md).
+# Each present section switches one on ({} = its defaults); absent or null = off. Defaults are
+# Composer's except where a comment says otherwise (tests/test_loggers.py checks the names and
+# defaults against Composer 0.27's signatures).
+# --------------------------------------------------------------------------------------------
+TimeUnitName = Literal["seconds", "minutes", "hours", "days"]
+
+
+@dataclass
+class TensorboardSection:
+    """composer.loggers.TensorboardLogger: event files in <log_dir>/<run_name>/."""
+
+    log_dir: Optional[str] = None  # None: <run_dir>/tensorboard (Composer: ./tensorboard_logs)
+    flush_interval: int = 100
+    rank_zero_only: bool = True
+
+
+@dataclass
+class MLflowSection:
+    """composer.loggers.MLFlowLogger (mlflow-skinny is enough; tracking_uri: file:/path for a local store)."""
+
+    experiment_name: Optional[str] = None
+    run_name: Optional[str] = None
+    tags: Optional[dict[str, Any]] = None
+    tracking_uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else ./mlruns
+    rank_zero_only: bool = True
+    flush_interval: int = 10
+    model_registry_prefix: str = ""
+    model_registry_uri: Optional[str] = None
+    synchronous: bool = False
+    log_system_metrics: bool = True
+    rename_metrics: Optional[dict[str, Any]] = None
+    ignore_metrics: Optional[list[str]] = None
+    ignore_hyperparameters: Optional[list[str]] = None
+    run_group: Optional[str] = None
+    resume: bool = True  # dip_scale: true (Composer: false), a restarted run continues its MLflow run
+    logging_buffer_seconds: Optional[int] = 10
+    log_duplicated_metric_every_n_steps: int = 100
+
+
+@dataclass
+class WandBSection:
+    """composer.loggers.WandBLogger; `mode` and `dir` are wandb.init arguments, put into init_kwargs."""
+
+    project: Optional[str] = None
+    group: Optional[str] = None
+    name: Optional[str] = None
+    entity: Optional[str] = None
+    tags: Optional[list[str]] = None
+    log_artifacts: bool = False
+    rank_zero_only: bool = True
+    init_kwargs: Optional[dict[str, Any]] = None
+    mode: Optional[Literal["online", "offline", "disabled"]] = None  # None: wandb's own (WANDB_MODE, else online)
+    dir: Optional[str] = None  # None: <run_dir> (wandb writes <dir>/wandb/<run>/)
+
+
+@dataclass
+class FileSection:
+    """composer.loggers.FileLogger: every logged value as text lines ({run_name}, {rank} are filled in)."""
+
+    filename: Optional[str] = None  # None: <run_dir>/logs-rank{rank}.txt (Composer: {run_name}/logs-rank{rank}.txt)
+    remote_file_name: Optional[str] = None  # with loggers.remote_uploader (None: {run_name}/logs-rank{rank}.txt)
+    capture_stdout: bool = True
+    capture_stderr: bool = True
+    buffer_size: int = 1
+    log_traces: bool = True
+    flush_interval: int = 100
+    overwrite: bool = False
+
+
+@dataclass
+class ConsoleSection:
+    """composer.loggers.ConsoleLogger; replaces the one trainer.progress_bar / console_log_interval make."""
+
+    log_interval: str = "1ba"
+    stream: Literal["stderr", "stdout"] = "stderr"
+    log_traces: bool = False
+
+
+@dataclass
+class RemoteUploaderSection:
+    """composer.loggers.RemoteUploaderDownloader: the files other loggers hand over (TensorBoard
+    events, FileLogger logs, memory traces) uploaded to bucket_uri."""
+
+    bucket_uri: str = ""  # required: s3://bucket (the bucket only; a prefix goes into file_path_format_string)
+    backend_kwargs: Optional[dict[str, Any]] = None
+    file_path_format_string: str = "{remote_file_name}"  # e.g. runs/{run_name}/logs/{remote_file_name}
+    num_concurrent_uploads: int = 1
+    upload_staging_folder: Optional[str] = None
+    use_procs: bool = True
+    num_attempts: int = 3
+
+
+@dataclass
+class LoggersConfig:
+    tensorboard: Optional[TensorboardSection] = None
+    mlflow: Optional[MLflowSection] = None
+    wandb: Optional[WandBSection] = None
+    file: Optional[FileSection] = None
+    console: Optional[ConsoleSection] = None
+    remote_uploader: Optional[RemoteUploaderSection] = None
+
+
+@dataclass
+class LRMonitorSection:
+    """composer.callbacks.LRMonitor (no arguments): lr-<optimizer class>/group<i> every batch."""
+
+
+@dataclass
+class SpeedMonitorSection:
+    """composer.callbacks.SpeedMonitor, always on; this section changes its arguments."""
+
+    window_size: int = 50  # dip_scale: 50 (Composer: 100)
+    gpu_flops_available: Optional[float] = None  # None: logging.peak_flops
+    time_unit: TimeUnitName = "hours"
+
+
+@dataclass
+class RuntimeEstimatorSection:
+    """composer.callbacks.RuntimeEstimator: time/remaining_estimate."""
+
+    skip_batches: int = 1
+    time_unit: TimeUnitName = "hours"
+
+
+@dataclass
+class MemoryMonitorSection:
+    """composer.callbacks.MemoryMonitor: CUDA allocator statistics (nothing on a CPU)."""
+
+    memory_keys: Optional[dict[str, Any]] = None
+    dist_aggregate_batch_interval: Optional[int] = None
+
+
+@dataclass
+class SystemMetricsMonitorSection:
+    """composer.callbacks.SystemMetricsMonitor: CPU/memory/disk/network (psutil), GPU (pynvml) per node."""
+
+    log_all_data: bool = False
+
+
+@dataclass
+class MemorySnapshotSection:
+    """composer.callbacks.MemorySnapshot: CUDA memory history pickles (GPU only)."""
+
+    skip_batches: int = 1
+    interval: str = "3ba"
+    max_entries: int = 100000
+    folder: str = "{run_name}/torch_traces"
+    filename: str = "rank{rank}.{batch}.memory_snapshot"
+    remote_file_name: Optional[str] = "{run_name}/torch_memory_traces"
+    overwrite: bool = False
+
+
+@dataclass
+class OOMObserverSection:
+    """composer.callbacks.OOMObserver: a CUDA memory snapshot when a CUDA OOM happens (GPU only)."""
+
+    max_entries: int = 100000
+    folder: str = "{run_name}/torch_traces"
+    filename: str = "rank{rank}_oom"
+    remote_file_name: Optional[str] = "{run_name}/oom_traces/rank{rank}_oom"
+    overwrite: bool = False
+
+
+@dataclass
+class CallbacksConfig:
+    lr_monitor: Optional[LRMonitorSection] = None
+    speed_monitor: Optional[SpeedMonitorSection] = None
+    runtime_estimator: Optional[RuntimeEstimatorSection] = None
+    memory_monitor: Optional[MemoryMonitorSection] = None
+    system_metrics_monitor: Optional[SystemMetricsMonitorSection] = None
+    memory_snapshot: Optional[MemorySnapshotSection] = None
+    oom_observer: Optional[OOMObserverSection] = None
+
+
+# Composer callbacks that are not selectable, and why (docs/operations.md)
+UNSUPPORTED_CALLBACKS = {
+    "optimizer_monitor": "Composer 0.27 refuses it under DeepSpeed (the Trainer raises): DeepSpeed clears the gradients in "
+                         "the last backward, before the callback reads param.grad (DeepSpeed issue #2329)",
+    "nan_monitor": "dip_scale's non-finite-loss guard is always on (it stops every rank with exit 3 before the step is saved)",
+    "checkpoint_saver": "dip_scale owns checkpointing (trainer.save_folder, trainer.save_interval)",
+    "ema": "Composer's EMA keeps a bf16 copy under DeepSpeed bf16 and nothing under ZeRO-3; dip_scale's fp32 EMA is always on (ema.decay)",
+    "early_stopper": "it watches evaluator metrics, and training runs no evaluator (evaluation is a separate job)",
+    "threshold_stopper": "it watches evaluator metrics, and training runs no evaluator (evaluation is a separate job)",
+    "export_for_inference": "Composer's export does not handle a DeepSpeed engine; every checkpoint's EMA is exported as safetensors",
+    "image_visualizer": "it logs raw input batches; the EMA sample grids are logged every logging.sample_interval",
+}
 
 
 @dataclass
@@ -188,6 +385,8 @@ class ExperimentConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    loggers: LoggersConfig = field(default_factory=LoggersConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
 
     @property
     def resolved_run_dir(self) -> str:
@@ -215,7 +414,7 @@ def load_config(path: Optional[str], overrides: tuple[str, ...] | list[str] = ()
                 raw[f.name] = f.default_factory()
     for item in overrides:
         apply_override(raw, item)
-    errors: list[str] = []
+    errors: list[str] = _unsupported_callbacks(raw)
     cfg = build(ExperimentConfig, raw, "", errors)
     if not errors:
         errors.extend(_cross_checks(cfg))
@@ -223,6 +422,37 @@ def load_config(path: Optional[str], overrides: tuple[str, ...] | list[str] = ()
         where = f" in {path}" if path else ""
         raise ConfigError(f"invalid config{where}:\n  " + "\n  ".join(errors))
     return cfg
+
+
+def _unsupported_callbacks(raw: dict[str, Any]) -> list[str]:
+    """Composer callbacks that are known and deliberately not selectable get their reason, not a
+    did-you-mean (they are taken out of `raw` here)."""
+    section = raw.get("callbacks")
+    if not isinstance(section, dict):
+        return []
+    bad = [k for k in section if k in UNSUPPORTED_CALLBACKS]
+    if bad:
+        raw["callbacks"] = {k: v for k, v in section.items() if k not in UNSUPPORTED_CALLBACKS}
+    return [f"callbacks.{k}: not selectable: {UNSUPPORTED_CALLBACKS[k]}" for k in bad]
+
+
+def run_upload_location(cfg: ExperimentConfig) -> Optional[str]:
+    """Where <run_dir>'s artefacts are mirrored ({run_name} filled in), or None: logging.run_upload,
+    else, for an s3:// save folder (a local run_dir needs no mirror), <save_folder>/../run when
+    that parent is the run's own (it holds {run_name}: s3://b/runs/{run_name}/checkpoints ->
+    s3://b/runs/<name>/run), else <save_folder>/../run/<run_name> (runs sharing a parent)."""
+    up = cfg.logging.run_upload
+    if not cfg.logging.run_mirror:
+        return None
+    if up:
+        return up.replace("{run_name}", cfg.run_name).rstrip("/")
+    raw = (cfg.trainer.save_folder or "").rstrip("/")
+    if not raw.startswith("s3://"):
+        return None
+    head, _, tail = raw[len("s3://"):].rpartition("/")
+    parent = f"s3://{head}" if head else f"s3://{tail}"
+    mirror = f"{parent}/run" if "{run_name}" in head else f"{parent}/run/{{run_name}}"
+    return mirror.replace("{run_name}", cfg.run_name)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -320,11 +550,12 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
         elif os.path.basename(ev.inception_weights) != INCEPTION_FILENAME:
             errs.append(f"eval.inception_weights: clean-fid loads a file named {INCEPTION_FILENAME}, got {ev.inception_weights}")
         if not ev.reference_stats:
-            errs.append("eval.reference_stats: needed by eval.backend != none (.npz with mu and sigma; see tools/make_fid_stats.py)")
+            errs.append("eval.reference_stats: needed by eval.backend != none (.npz with mu and sigma; see dip-fid-stats)")
 
     lg = cfg.logging
     if lg.sample_classes is not None and any(not 0 <= c < m.num_classes for c in lg.sample_classes):
         errs.append(f"logging.sample_classes: class ids must be in 0..{m.num_classes - 1}, got {lg.sample_classes}")
+    errs.extend(operations_problems(cfg))
 
     for key, value in (
         ("optimizer.warmup", opt.warmup),  # the one that may be zero
@@ -342,12 +573,51 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
     return errs
 
 
+def operations_problems(cfg: ExperimentConfig) -> list[str]:
+    """The loggers:, callbacks: sections and the run mirror (docs/operations.md)."""
+    errs = []
+    lg, L, C = cfg.logging, cfg.loggers, cfg.callbacks
+    if lg.run_upload_interval <= 0:
+        errs.append(f"logging.run_upload_interval: must be > 0 seconds, got {lg.run_upload_interval}")
+    up = run_upload_location(cfg)
+    if up and not up.startswith("s3://"):
+        run_dir = os.path.abspath(cfg.resolved_run_dir)
+        if os.path.commonpath([run_dir, os.path.abspath(up)]) in (run_dir, os.path.abspath(up)):
+            errs.append(f"logging.run_upload: {lg.run_upload!r} overlaps run_dir {cfg.resolved_run_dir!r}; the mirror must be another folder")
+    if L.remote_uploader is not None:
+        uri = L.remote_uploader.bucket_uri
+        if not re.match(r"^[a-z0-9]+://[^/]+/?$", uri or ""):
+            errs.append(f"loggers.remote_uploader.bucket_uri: expected the bucket only, e.g. s3://my-bucket (a prefix goes into "
+                        f"loggers.remote_uploader.file_path_format_string), got {uri!r}")
+        if "{remote_file_name}" not in L.remote_uploader.file_path_format_string:
+            errs.append("loggers.remote_uploader.file_path_format_string: must contain {remote_file_name}")
+    if L.file is not None and L.file.remote_file_name and L.remote_uploader is None:
+        errs.append("loggers.file.remote_file_name: set, but there is no loggers.remote_uploader to upload it")
+    if L.wandb is not None and L.wandb.init_kwargs:
+        for key in ("mode", "dir", "project", "group", "name", "entity", "tags"):
+            if key in L.wandb.init_kwargs and getattr(L.wandb, key) is not None:
+                errs.append(f"loggers.wandb.init_kwargs.{key}: also set as loggers.wandb.{key}; set it once")
+    for key, value in (("loggers.console.log_interval", L.console.log_interval if L.console else None),
+                       ("callbacks.memory_snapshot.interval", C.memory_snapshot.interval if C.memory_snapshot else None)):
+        problem = value is not None and time_string_problem(key, value)
+        if problem:
+            errs.append(problem)
+    for key, value in (("loggers.tensorboard.flush_interval", L.tensorboard.flush_interval if L.tensorboard else 1),
+                       ("loggers.mlflow.flush_interval", L.mlflow.flush_interval if L.mlflow else 1),
+                       ("loggers.file.flush_interval", L.file.flush_interval if L.file else 1),
+                       ("callbacks.speed_monitor.window_size", C.speed_monitor.window_size if C.speed_monitor else 2)):
+        if value < 1 or (key.endswith("window_size") and value < 2):
+            errs.append(f"{key}: must be >= {2 if key.endswith('window_size') else 1}, got {value}")
+    return errs
+
+
 def s3_locations(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     """(config key, s3:// URL) of every object-storage location a training run uses."""
     pairs = [("trainer.save_folder", (cfg.trainer.save_folder or "").replace("{run_name}", cfg.run_name)),
              ("data.remote", cfg.data.remote), ("trainer.init_from", cfg.trainer.init_from or "")]
     if cfg.eval.backend != "none":
         pairs.append(("eval.reference_stats", cfg.eval.reference_stats or ""))
+    pairs.append(("logging.run_upload", run_upload_location(cfg) or ""))
     return [(k, v) for k, v in pairs if v.startswith("s3://")]
 
 
@@ -373,12 +643,12 @@ def missing_files(cfg: ExperimentConfig) -> list[str]:
     if init and not init.startswith("s3://"):  # an s3:// file is checked when the run starts
         if not os.path.isfile(init):
             errs.append(f"trainer.init_from: file not found: {init} (a dip_scale model file: an EMA export or "
-                        "tools/import_released_checkpoint.py's output)")
+                        "dip-import-released's output)")
         else:
             errs.extend(init_from_problems(init, cfg.model))
     if ev.backend == "local":  # a Kubernetes Job reads its files inside its own image / from S3
-        for key, maker in (("inception_weights", "the real file, or tools/make_standin_inception.py for a stand-in"),
-                           ("reference_stats", "tools/make_fid_stats.py")):
+        for key, maker in (("inception_weights", "the real file, or dip-standin-inception for a stand-in"),
+                           ("reference_stats", "dip-fid-stats")):
             path = getattr(ev, key)
             if path and not path.startswith("s3://") and not os.path.isfile(path):
                 errs.append(f"eval.{key}: file not found: {path} ({maker}; tools/demo.py makes the demo's; "
@@ -405,9 +675,12 @@ def load_config_or_exit(argv: list[str], usage: str, check_files: bool = False) 
     """Command-line front door: `CONFIG.yaml [key.path=value ...]` -> a validated config, or the
     usage / one-paragraph error on stderr and exit status 2 (never a traceback). `check_files`:
     also require the run's local input files (missing_files)."""
+    if "-h" in argv or "--help" in argv:
+        print(f"{usage}\n\n{FRONT_DOOR}")
+        raise SystemExit(0)
     path, overrides = split_argv(argv)
     if path is None and not overrides:
-        print(usage, file=sys.stderr)
+        print(f"{usage}\n(--help: the config syntax)", file=sys.stderr)
         raise SystemExit(2)
     try:
         cfg = load_config(path, overrides)
@@ -422,7 +695,8 @@ def load_config_or_exit(argv: list[str], usage: str, check_files: bool = False) 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m dip_scale.config CONFIG [overrides]`: validate and print the resolved config."""
-    cfg = load_config_or_exit(sys.argv[1:] if argv is None else argv, "usage: python -m dip_scale.config CONFIG.yaml [key.path=value ...]")
+    cfg = load_config_or_exit(sys.argv[1:] if argv is None else argv, "usage: dip-config CONFIG.yaml [key.path=value ...]   (python -m dip_scale.config ...)\n"
+                              "Validate a config and print it resolved (base files merged, overrides applied, defaults filled).")
     print(to_yaml(cfg), end="")
     return 0
 

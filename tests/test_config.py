@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import PYTHON, ROOT, env_with_repo_on_path
-from dip_scale.config import ConfigError, ExperimentConfig, load_config, to_dict, to_yaml
+from dip_scale.config import ConfigError, ExperimentConfig, load_config, to_yaml
 
 YAMLS = sorted((ROOT / "yamls").glob("*.yaml"))
 

@@ -1,5 +1,5 @@
 """Training callbacks: a plain-file metrics log, a non-finite-loss guard, and periodic EMA
-sample grids. Throughput and MFU come from Composer's SpeedMonitor (see training/run.py)."""
+sample grids. Throughput and MFU come from Composer's SpeedMonitor (training/loggers.py)."""
 from __future__ import annotations
 
 import json
@@ -66,17 +66,21 @@ class MetricsJSONL(Callback):
         row["time"] = round(now, 3)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        # what this line adds to what Composer logs itself (losses, time/*, SpeedMonitor's throughput)
+        logger.log_metrics({"lr": row["lr"], **({"throughput/images_per_sec": row["images_per_sec"]} if "images_per_sec" in row else {})})
 
 
 class RunConfig(Callback):
     """Keeps the resolved config with every checkpoint (in Composer's state) and hands it to the
-    loggers once, at fit start."""
+    loggers once, at fit start, flattened to dotted names."""
 
     def __init__(self, config: dict):
         self.config = config
 
     def fit_start(self, state: State, logger: Logger) -> None:
-        logger.log_hyperparameters(self.config)
+        from dip_scale.training.loggers import flatten
+
+        logger.log_hyperparameters(flatten(self.config))  # dotted names: model.head.type, ...
 
     def state_dict(self) -> dict:
         return {"config": self.config}
@@ -151,7 +155,7 @@ class SampleGrid(Callback):
         titles = [self.class_names[c] if self.class_names else str(c) for c in self.classes]
         grid = image_grid(images.cpu(), titles=titles)
         path = save_png(grid, os.path.join(self.out_dir, f"ba{state.timestamp.batch.value}.png"))
-        logger.log_images(np.asarray(grid), name="samples/ema", channels_last=True)
+        logger.log_images(np.asarray(grid), name="samples/ema", channels_last=True, use_table=False)
         self.written.append(path)
         log.info("EMA sample grid: %s", path)
         return path

@@ -47,6 +47,7 @@ class Run:
     evals: Any = None
     grids: list = field(default_factory=list)
     complete: bool = False
+    mirror: Any = None  # training/mirror.py: run_dir's artefacts in logging.run_upload
 
 
 def train(cfg: ExperimentConfig) -> None:
@@ -59,6 +60,8 @@ def train(cfg: ExperimentConfig) -> None:
     run.trainer.close()
     if rt.rank == 0 and run.evals is not None and cfg.eval.wait_at_end:
         run.evals.wait()
+    if run.mirror is not None:
+        run.mirror.finish()  # results that arrived after the end of training
     if rt.rank == 0:
         report(cfg, rt, run)
 
@@ -105,7 +108,6 @@ def validate(cfg: ExperimentConfig) -> Runtime:
 def build(cfg: ExperimentConfig, rt: Runtime) -> Run:
     """Resume point, model (+ REPA, + init_from), data, optimiser, callbacks, Trainer."""
     from composer import Trainer
-    from composer.callbacks import SpeedMonitor
     from composer.optim import ConstantWithWarmupScheduler
     from composer.utils import dist, reproducibility
 
@@ -119,6 +121,7 @@ def build(cfg: ExperimentConfig, rt: Runtime) -> Run:
     from dip_scale.training.composer_model import DiPComposerModel, TrainingStep
     from dip_scale.training.deepspeed import precision_for, skip_cpu_shm_op
     from dip_scale.training.ema import EMA
+    from dip_scale.training.loggers import build_callbacks, build_loggers
 
     t = cfg.trainer
     os.makedirs(rt.run_dir, exist_ok=True)
@@ -132,6 +135,7 @@ def build(cfg: ExperimentConfig, rt: Runtime) -> Run:
     if t.save_folder:  # with autoresume off, the folder is still checked: nothing of another run is overwritten
         resume = resolve_resume(t.save_folder, cfg.run_name, resume_dir, resume=autoresume, start_over=t.start_over)
     load_path = resume.load_path if resume else None
+    mirror = _run_mirror(cfg, rt, resume.step.batch if resume else 0)  # before anything reads run_dir
     deepspeed_config = copy.deepcopy(cfg.deepspeed)
     if resume is not None and resume.universal:  # written at another world size (training/elastic.py)
         deepspeed_config["checkpoint"] = {**deepspeed_config.get("checkpoint", {}), "load_universal": True}
@@ -182,7 +186,8 @@ def build(cfg: ExperimentConfig, rt: Runtime) -> Run:
         RunConfig({**to_dict(cfg), "compute": compute}),
         MetricsJSONL(os.path.join(rt.run_dir, "metrics.jsonl"), cfg.logging.metrics_interval, cfg.logging.sample_ids),
         grid,
-        SpeedMonitor(window_size=50, gpu_flops_available=cfg.logging.peak_flops),
+        *([mirror] if mirror else []),  # after the callbacks that write run_dir's files
+        *build_callbacks(cfg),  # SpeedMonitor (always) and the `callbacks:` section
     ]
     if init_weights is not None:
         from dip_scale.training.init_from import ExactMasters
@@ -195,8 +200,14 @@ def build(cfg: ExperimentConfig, rt: Runtime) -> Run:
         evals = EvalDispatch(ema, cfg, rt.run_dir)
         callbacks.insert(callbacks.index(ema) + 1, evals)  # right after the export it evaluates
     if t.save_folder:
-        callbacks.append(_checkpoint_saver(cfg, record_step))
+        def on_saved(state, tar, folder):
+            if mirror is not None:
+                mirror.checkpoint(state)  # the step's lines and grids are in the mirror before its manifest
+            record_step(state, tar, folder)
+
+        callbacks.append(_checkpoint_saver(cfg, on_saved))
     skip_cpu_shm_op()
+    bar = t.progress_bar if t.progress_bar is not None else sys.stderr.isatty()
     trainer = Trainer(
         model=composer_model,
         train_dataloader=loader,
@@ -213,9 +224,10 @@ def build(cfg: ExperimentConfig, rt: Runtime) -> Run:
         autoresume=False,
         load_path=load_path,
         callbacks=callbacks,
-        loggers=[],
-        progress_bar=t.progress_bar and rt.rank == 0,
-        log_to_console=not t.progress_bar,
+        loggers=build_loggers(cfg, rt.run_dir),
+        save_latest_filename=None,  # ours is in the saver; Composer's default would refuse remote_uploader.file_path_format_string
+        progress_bar=bar and rt.rank == 0,
+        log_to_console=not bar and cfg.loggers.console is None,
         console_log_interval=t.console_log_interval,
         python_log_level=None,
     )
@@ -224,7 +236,21 @@ def build(cfg: ExperimentConfig, rt: Runtime) -> Run:
         dist.barrier()
         if dist.get_local_rank() == 0:
             shutil.rmtree(resume_dir, ignore_errors=True)
-    return Run(trainer=trainer, ema=ema, evals=evals, grids=[grid], complete=training_complete(trainer.state))
+    return Run(trainer=trainer, ema=ema, evals=evals, grids=[grid], complete=training_complete(trainer.state), mirror=mirror)
+
+
+def _run_mirror(cfg: ExperimentConfig, rt: Runtime, resume_step: int):
+    """The run mirror (training/mirror.py), run_dir restored from it up to the resume step; None
+    without one (logging.run_upload)."""
+    from dip_scale.config import run_upload_location
+    from dip_scale.training.mirror import RunMirror
+
+    remote = run_upload_location(cfg)
+    if remote is None:
+        return None
+    mirror = RunMirror(rt.run_dir, remote, cfg.run_name, cfg.logging.run_upload_interval)
+    mirror.restore(resume_step)
+    return mirror
 
 
 def _checkpoint_saver(cfg: ExperimentConfig, on_saved):
