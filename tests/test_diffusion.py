@@ -161,6 +161,7 @@ def test_samplers_integrate_the_exact_field_to_the_data_point(method):
     assert torch.allclose(x, target, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_and_batch_independent():
     cfg, model, _ = _tiny_model_and_objective()
     model.eval()

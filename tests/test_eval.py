@@ -155,6 +155,7 @@ def test_eval_labels_are_balanced_shuffled_and_seeded():
     assert np.bincount(eval_labels(1003, 10, 0)).tolist() == [101, 101, 101] + [100] * 7
 
 
+@pytest.mark.slow
 def test_reference_statistics_from_a_converted_split_through_s3(tiny_mds, standin_inception, s3):
     out = f"{s3['url']}/fid/train.npz"
     proc = subprocess.run([PYTHON, str(ROOT / "tools" / "make_fid_stats.py"), "--data", tiny_mds, "--inception", standin_inception,
@@ -175,6 +176,7 @@ def test_reference_statistics_from_a_converted_split_through_s3(tiny_mds, standi
     np.testing.assert_allclose(sigma, np.cov(feats, rowvar=False), rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_fid_job_through_s3_matches_clean_fid_on_the_same_samples(standin_inception, s3, tmp_path):
     """The FID job reads the model and reference from S3, writes result + grid to S3, is
     reproducible whatever its process count, and its number equals clean-fid's own folder pipeline + frechet_distance run
@@ -223,6 +225,7 @@ def test_fid_job_through_s3_matches_clean_fid_on_the_same_samples(standin_incept
     assert result["fid"] == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_fid_job_bad_inputs_fail_early_with_the_reason(standin_inception, tmp_path):
     model_file = str(tmp_path / "m.safetensors")
     _tiny_model_file(model_file)
@@ -276,7 +279,10 @@ def _eval_overrides(tiny_mds: str, tmp_path: Path, save_folder: str, reference: 
     return tiny_overrides(tiny_mds, tmp_path / "run", save_folder, **{
         "trainer.max_duration": "20ba", "trainer.save_interval": "10ba", "eval.backend": "local",
         "eval.num_samples": 12, "eval.batch_size": 12, "eval.inception_weights": inception, "eval.reference_stats": reference,
-        "eval.feature_mode": "clean", "eval.device": "cpu", "eval.wait_at_end": "true", **extra})
+        "eval.feature_mode": "clean", "eval.device": "cpu", "eval.wait_at_end": "true",
+        # the dispatch is under test here (the metric suite: test_eval_metrics.py); each Fréchet
+        # distance is a scipy sqrtm of a ~2k x 2k matrix, ~8 s on 2 cores
+        "eval.metrics": "[fid]", **extra})
 
 
 @pytest.mark.slow

@@ -164,6 +164,7 @@ def test_rope_2d_scores_depend_only_on_relative_position():
     assert not torch.allclose(score((1, 2), (3, 5)), score((1, 2), (5, 3)), atol=1e-3)  # transposed offset
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_a_fixed_batch():
     torch.manual_seed(0)
     cfg = _tiny("conv_unet", "post_hoc", 16, image=32, **{"model.head.channels": "[32,64,128,256]"})
@@ -183,6 +184,7 @@ def test_tiny_model_overfits_a_fixed_batch():
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
 
 
+@pytest.mark.slow
 def test_model_summary_tool_reports_paper_counts():
     out = subprocess.run(
         [PYTHON, str(ROOT / "tools" / "model_summary.py"), str(ROOT / "yamls" / "dit_xl16_baseline.yaml"),

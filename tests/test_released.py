@@ -199,6 +199,7 @@ def test_imported_model_reproduces_the_released_forward(image, patch):
     assert set(src for s in mapping.values() for src in s) == set(w)
 
 
+@pytest.mark.slow
 def test_the_tool_imports_a_lightning_checkpoint_and_sampling_runs_on_it(tmp_path):
     ema, online = released_tensors(seed=1), released_tensors(seed=2)
     shapes = released_shapes(SMALL["depth"], SMALL["dim"], SMALL["heads"], SMALL["classes"], proj_out=32)
@@ -242,6 +243,7 @@ def _tool_error(tmp_path, ckpt, *extra) -> str:
     return proc.stderr
 
 
+@pytest.mark.slow
 def test_missing_extra_and_misshapen_tensors_are_named(tmp_path):
     w = released_tensors()
     model_cfg = load_model_config(str(PAPER_YAML), small_overrides())

@@ -5,42 +5,24 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from conftest import PYTHON, ROOT, env_with_repo_on_path, free_port, load_tool
-from training_helpers import LAST, assert_matches_clean, at_step, kill_when, launch, logs, losses, metrics, run, tiny_overrides, wait
+from conftest import env_with_repo_on_path, free_port
+from training_helpers import LAST, assert_ema_follows_the_master_weights, assert_matches_clean, at_step, kill_when, launch, logs, losses, run, tiny_overrides, wait
 
 pytestmark = pytest.mark.slow
-def _tar_member(tar_path: Path, suffix: str):
-    with tarfile.open(tar_path) as t:
-        member = next(m for m in t.getmembers() if m.name.endswith(suffix))
-        return torch.load(io.BytesIO(t.extractfile(member).read()), map_location="cpu", weights_only=False)
-
-
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_each_zero_stage_trains_and_zero3_partitions(stage, tiny_mds, tmp_path):
-    ckpt = tmp_path / "ckpt"
-    run(tiny_overrides(tiny_mds, tmp_path / "run", str(ckpt), **{
-        "deepspeed.zero_optimization.stage": stage, "optimizer.lr": "1e-2", "trainer.max_duration": "24ba", "trainer.save_interval": "24ba"}), cwd=tmp_path)
-    loss = losses(tmp_path / "run")
-    assert sorted(loss) == list(range(1, 25))
-    first, last = sum(loss[s] for s in (1, 2, 3, 4)) / 4, sum(loss[s] for s in (21, 22, 23, 24)) / 4
-    assert last < 0.85 * first, (first, last)
-    assert at_step(ckpt, "ema/ep*-ba{step}.safetensors", 24).exists()
-    if stage == 3:  # each rank holds about half of the (fp32 master) parameters
-        held = [_tar_member(at_step(ckpt, f"ep*-ba{{step}}-rank{r}.tar", 24), f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt") for r in (0, 1)]
-        sizes = [sum(t.numel() for t in sd["optimizer_state_dict"]["fp32_flat_groups"]) for sd in held]
-        from dip_scale.config import load_config
-        from dip_scale.models import build_model
-
-        total = sum(p.numel() for p in build_model(load_config(str(ROOT / "yamls" / "dip_tiny_cpu.yaml"), tiny_overrides(tiny_mds, tmp_path, "x")).model).parameters())
-        assert all(abs(s - total / 2) <= 0.01 * total for s in sizes), (sizes, total)
+def test_the_reference_run_learns_and_exports_its_ema(clean_run):
+    """The uninterrupted ZeRO-2 run every other run is held against: it logs every step, its loss
+    falls, and each checkpoint has its EMA export. (ZeRO-1 and ZeRO-3 reproduce it:
+    tests/test_elastic.py.)"""
+    loss = losses(clean_run["run"])
+    assert sorted(loss) == list(range(1, LAST + 1))
+    first, last = (sum(loss[s] for s in steps) / 8 for steps in (range(1, 9), range(LAST - 7, LAST + 1)))
+    assert last < 0.95 * first, (first, last)
+    assert [at_step(clean_run["ckpt"], "ema/ep*-ba{step}.safetensors", s) for s in range(10, LAST + 1, 10)]
 
 
 def test_kill9_and_restart_resumes_exactly_local(clean_run, tiny_mds, tmp_path):
@@ -104,26 +86,12 @@ def test_two_nodes_with_separate_disks_resume_exactly(clean_run, tiny_mds, tmp_p
 
 
 def test_ema_matches_a_reference_from_the_checkpointed_training_weights(tiny_mds, tmp_path):
-    """Under ZeRO-3 (partitioned parameters): EMA_k = d * EMA_(k-1) + (1 - d) * W_k, with W_k read
-    back from each step's DeepSpeed checkpoint by DeepSpeed's own zero_to_fp32."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
+    """Under ZeRO-3 (partitioned parameters), fp32: the EMA export of every step is the average of
+    the checkpointed training weights."""
     decay, ckpt = 0.5, tmp_path / "ckpt"
     run(tiny_overrides(tiny_mds, tmp_path / "run", str(ckpt), **{
         "deepspeed.zero_optimization.stage": 3, "ema.decay": decay, "trainer.max_duration": "4ba", "trainer.save_interval": "1ba"}), cwd=tmp_path)
-    ema = {k: load_file(str(at_step(ckpt, "ema/ep*-ba{step}.safetensors", k))) for k in range(1, 5)}
-    ref = ema[1]
-    for k in range(2, 5):
-        merged = tmp_path / f"merged{k}"
-        for r in (0, 1):
-            with tarfile.open(at_step(ckpt, f"ep*-ba{{step}}-rank{r}.tar", k)) as t:
-                t.extractall(merged)
-        weights = get_fp32_state_dict_from_zero_checkpoint(str(merged), tag="deepspeed")
-        w = {name[len("model."):]: v for name, v in weights.items() if name.startswith("model.")}
-        assert w.keys() == ref.keys()
-        ref = {n: ref[n].mul(decay).add(w[n].float(), alpha=1 - decay) for n in ref}
-        assert all(torch.equal(ref[n], ema[k][n]) for n in ref), f"EMA at step {k} differs from the reference"
-        assert any(not torch.equal(ema[k][n], ema[k - 1][n]) for n in ref)  # it did move
+    assert_ema_follows_the_master_weights(ckpt, 4, decay, tmp_path)
 
 
 def test_training_survives_s3_outage_during_checkpoint_upload(tiny_mds, tmp_path, s3):
@@ -158,7 +126,7 @@ def test_nan_guard_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint
     assert "training stopped: non-finite loss" in (tmp_path / "run-rank1.err").read_text()  # every rank stops
     assert "training stopped: non-finite loss at batch" in err and "Traceback" not in err.split("training stopped")[0][-500:]
     bad = int(err.split("non-finite loss at batch ")[1].split()[0])
-    assert bad >= 2 and f"the last good checkpoint is" in err
+    assert bad >= 2 and "the last good checkpoint is" in err
     assert os.readlink(ckpt / "latest-rank0.tar").endswith(f"-ba{bad - 1}-rank0.tar")
     assert not list(ckpt.glob(f"*-ba{bad}-rank*.tar")) and not list(ckpt.glob(f"ema/*-ba{bad}.safetensors"))
     assert all(json.loads(line)["step"] < bad for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())

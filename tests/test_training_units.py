@@ -43,6 +43,7 @@ def test_good_deepspeed_sections_pass_and_set_precision():
     assert validate_deepspeed({"zero_optimization": {"stage": 1}}, on_gpu=False) == []
 
 
+@pytest.mark.slow
 def test_train_entry_rejects_a_bad_deepspeed_key_before_training(tmp_path):
     proc = subprocess.run(
         [PYTHON, str(ROOT / "dip_scale" / "train.py"), str(ROOT / "yamls" / "dip_tiny_cpu.yaml"),
@@ -74,6 +75,7 @@ def test_model_file_round_trip_local_and_s3(tmp_path, s3):
         read_model_file(str(tmp_path / "foreign.safetensors"))
 
 
+@pytest.mark.slow
 def test_sample_tool_draws_a_grid_from_a_model_file(tmp_path):
     model_cfg, model = _tiny_model()
     path = tmp_path / "ema.safetensors"

@@ -14,7 +14,7 @@ from conftest import ROOT, env_with_repo_on_path, launcher_command
 
 TRAIN = ROOT / "dip_scale" / "train.py"
 TINY = ROOT / "yamls" / "dip_tiny_cpu.yaml"
-LAST = 120  # steps of the resume tests (tiny_overrides' max_duration), checkpoints every 10
+LAST = 40  # steps of the resume tests (tiny_overrides' max_duration), checkpoints every 10
 
 
 def tiny_overrides(data: str, run_dir: Path, save_folder: str, **extra) -> list[str]:
@@ -28,7 +28,7 @@ def tiny_overrides(data: str, run_dir: Path, save_folder: str, **extra) -> list[
         "data.batch_size": 8,
         "data.num_workers": 0,
         "optimizer.warmup": "0ba",
-        "trainer.max_duration": "120ba",
+        "trainer.max_duration": f"{LAST}ba",
         "trainer.save_folder": save_folder,
         "trainer.save_interval": "10ba",
         "trainer.progress_bar": "false",
@@ -45,15 +45,18 @@ def tiny_overrides(data: str, run_dir: Path, save_folder: str, **extra) -> list[
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def launch(overrides, *, cwd: Path, env=None, nproc: int = 2, node: tuple[int, int] | None = None, port: int | None = None, log: str = "run"):
-    """Start `composer -n nproc dip_scale/train.py tiny.yaml overrides` in its own process group.
-    node=(node_rank, world_size) runs one "node" of a multi-node job."""
+def launch(overrides, *, cwd: Path, env=None, nproc: int = 2, node: tuple[int, int] | None = None, port: int | None = None, log: str = "run",
+           module: bool = False):
+    """Start `composer -n nproc dip_scale/train.py tiny.yaml overrides` in its own process group
+    (module=True: `composer -n nproc -m dip_scale.train ...`). node=(node_rank, world_size) runs
+    one "node" of a multi-node job."""
     cwd.mkdir(parents=True, exist_ok=True)
     cmd = launcher_command(nproc, port, log_dir=cwd, log=f"{log}-rank")
     env = dict(env or env_with_repo_on_path())
     if node is not None:
         cmd += ["--world_size", str(node[1]), "--node_rank", str(node[0]), "--master_addr", "127.0.0.1"]
-    cmd += [str(TRAIN), str(TINY), *overrides]
+    cmd += ["-m", "dip_scale.train"] if module else [str(TRAIN)]
+    cmd += [str(TINY), *overrides]
     if node is not None:
         # a "node" is a machine of its own: private /dev/shm (mount namespace) and temp folder, so
         # nothing but the network and S3 is shared with the other node
@@ -201,3 +204,28 @@ def assert_matches_clean(clean_run: dict, resumed_run: Path, resumed_ema, resume
     ea = load_file(str(at_step(clean_run["ckpt"], "ema/ep*-ba{step}.safetensors", last)))
     eb = load_file(str(resumed_ema)) if isinstance(resumed_ema, Path) else load(resumed_ema)
     assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea), "final EMA differs"
+
+
+def assert_ema_follows_the_master_weights(ckpt: Path, last: int, decay: float, workdir: Path) -> None:
+    """EMA_k = d * EMA_(k-1) + (1 - d) * W_k for k = 2..last (a checkpoint every step), with W_k the
+    fp32 master weights of step k read back from the rank tars by DeepSpeed's own zero_to_fp32
+    (independent of this project's EMA code); the exported EMA is fp32 and moves every step."""
+    import tarfile
+
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    ema = {k: load_file(str(at_step(ckpt, "ema/ep*-ba{step}.safetensors", k))) for k in range(1, last + 1)}
+    ref = ema[1]
+    for k in range(2, last + 1):
+        merged = workdir / f"merged{k}"
+        for r in (0, 1):
+            with tarfile.open(at_step(ckpt, f"ep*-ba{{step}}-rank{r}.tar", k)) as t:
+                t.extractall(merged)
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(merged), tag="deepspeed")
+        w = {name[len("model."):]: v for name, v in weights.items() if name.startswith("model.")}
+        assert w.keys() == ref.keys() and all(v.dtype == torch.float32 for v in [*w.values(), *ema[k].values()])
+        ref = {n: ref[n].mul(decay).add(w[n], alpha=1 - decay) for n in ref}
+        assert all(torch.equal(ref[n], ema[k][n]) for n in ref), f"EMA at step {k} differs from the fp32 reference"
+        assert any(not torch.equal(ema[k][n], ema[k - 1][n]) for n in ref)  # it did move
