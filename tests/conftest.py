@@ -23,6 +23,18 @@ def env_with_repo_on_path(**extra: str) -> dict[str, str]:
     return env
 
 
+TINY_MODEL = {"model.preset": "tiny/16", "model.image_size": 32, "model.num_classes": 4, "model.head.channels": "[8,16,32,64]"}
+
+
+def tiny_config(**overrides):
+    """The tests' one small experiment config (what tiny_overrides trains too): DiP tiny/16 at
+    32x32, 4 classes, a quarter-width head; `overrides` are key.path -> value, e.g.
+    tiny_config(**{"model.num_classes": 10})."""
+    from dip_scale.config import load_config
+
+    return load_config(None, [f"{k}={v}" for k, v in {**TINY_MODEL, **overrides}.items()])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -146,7 +158,7 @@ def standin_inception(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def clean_run(tiny_mds, tmp_path_factory) -> dict:
-    """40 uninterrupted steps (2 ranks, ZeRO-2, checkpoints every 10): the reference every resumed
+    """60 uninterrupted steps (2 ranks, ZeRO-2, checkpoints every 10): the reference every resumed
     run must reproduce bit for bit, wherever its checkpoints live and however many nodes it spans,
     and that the other ZeRO stages, the compiled model and a 1-process run must reproduce to
     reduction-order tolerance."""

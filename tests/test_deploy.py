@@ -621,7 +621,7 @@ def test_dockerfile_copies_what_exists_and_bakes_the_weights_the_configs_name():
 
 # -- the exit codes, from the real launcher -----------------------------------------------------
 
-def _fail_job_codes() -> set[int]:
+def fail_job_codes() -> set[int]:
     (fail,) = [r for r in _train_pod(kustomize(K8S))["podFailurePolicy"]["rules"] if r["action"] == "FailJob"]
     return set(fail["onExitCodes"]["values"])
 
@@ -633,16 +633,4 @@ def test_a_bad_config_under_the_launcher_exits_with_a_fail_job_code():
                            "deepspeed.zero_optimization.stage=4", timeout=300)
     assert proc.returncode == EXIT_CONFIG, proc.stderr[-3000:]
     assert "deepspeed.zero_optimization.stage" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
-    assert EXIT_CONFIG in _fail_job_codes() and time.monotonic() - start < 120
-
-
-@pytest.mark.slow
-def test_a_non_finite_loss_under_the_launcher_exits_with_a_fail_job_code(tiny_mds, tmp_path):
-    from training_helpers import launch, logs, tiny_overrides, wait
-
-    overrides = tiny_overrides(tiny_mds, tmp_path / "run", str(tmp_path / "ckpt"), **{
-        "optimizer.lr": "1e12", "trainer.max_duration": "20ba", "trainer.save_interval": "1000ba"})
-    rc = wait(launch(overrides, cwd=tmp_path), 300)
-    assert rc == EXIT_NONFINITE, logs(tmp_path)
-    assert "non-finite loss" in (tmp_path / "run.launcher.log").read_text()
-    assert EXIT_NONFINITE in _fail_job_codes()
+    assert EXIT_CONFIG in fail_job_codes() and time.monotonic() - start < 120

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dip_scale.config import load_config
+from conftest import tiny_config
 from dip_scale.diffusion.flow import (
     FlowMatchingObjective,
     drop_labels,
@@ -49,8 +49,7 @@ def test_label_dropout_rate_within_tolerance():
 
 
 def _tiny_model_and_objective(**extra):
-    cfg = load_config(None, ["model.preset=tiny/16", "model.image_size=32", "model.num_classes=10",
-                             "model.head.channels=[16,32,64,128]"] + [f"{k}={v}" for k, v in extra.items()])
+    cfg = tiny_config(**{"model.num_classes": 10, "model.head.channels": "[16,32,64,128]", **extra})
     torch.manual_seed(0)
     return cfg, build_model(cfg.model), FlowMatchingObjective(cfg.objective, cfg.model.num_classes)
 

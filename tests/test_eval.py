@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import PYTHON, ROOT, env_with_repo_on_path, write_reference
+from conftest import PYTHON, ROOT, env_with_repo_on_path, tiny_config, write_reference
 from training_helpers import logs, run, tiny_overrides
 
 from dip_scale import storage
@@ -38,8 +38,7 @@ def _tiny_model_file(path: str) -> ModelConfig:
     from dip_scale.models import build_model
     from dip_scale.models.export import write_model_file
 
-    cfg = ModelConfig(preset="tiny/16", image_size=32, num_classes=4)
-    cfg.head.channels = [8, 16, 32, 64]
+    cfg = tiny_config().model
     torch.manual_seed(0)
     write_model_file(path, build_model(cfg).state_dict(), cfg, step=7, epoch=1, run_name="unit")
     return cfg

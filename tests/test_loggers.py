@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import PYTHON, env_with_repo_on_path, free_port
+from conftest import PYTHON, env_with_repo_on_path
 from dip_scale.config import (
     CallbacksConfig, ConfigError, LoggersConfig, UNSUPPORTED_CALLBACKS, load_config, run_upload_location,
 )
@@ -286,72 +286,6 @@ def _check_loggers(tmp_path: Path) -> None:
         (name,) = by_step[step]["samples/ema/filenames"]
         assert _same_image(Path(wb["run_dir"], "files", name).read_bytes(), tmp_path / "run" / "samples" / f"ba{step}.png")
     assert wb["config"]["model.preset"] == "tiny/16" and wb["config"]["trainer.max_duration"] == "12ba"
-
-
-def _s3_keys(s3, prefix: str) -> list[str]:
-    out = []
-    for page in s3["client"].get_paginator("list_objects_v2").paginate(Bucket=s3["bucket"], Prefix=prefix):
-        out += [o["Key"] for o in page.get("Contents", [])]
-    return out
-
-
-@pytest.mark.slow
-def test_metrics_and_grids_continue_after_a_restart_on_empty_disks(tiny_mds, tmp_path, s3):
-    """The two-node layout of test_training.py, killed after its first S3 checkpoint; the restart
-    runs on new, empty working folders (new pods) with the same S3 save folder."""
-    from training_helpers import LAST, kill_when, launch, logs, metrics, tiny_overrides, wait
-
-    env = env_with_repo_on_path(**s3["env"])
-    extra = {"logging.sample_interval": "5ba", "logging.run_upload_interval": 1,
-             # and Composer's RemoteUploaderDownloader, with what TensorBoard and the FileLogger hand it
-             "loggers.tensorboard": "{}", "loggers.file": "{}",
-             "loggers.remote_uploader.bucket_uri": s3["url"], "loggers.remote_uploader.file_path_format_string": "logs/{remote_file_name}"}
-
-    def start(nodes, log):
-        port = free_port()
-        return [launch(tiny_overrides(tiny_mds, Path("run"), f"{s3['url']}/multi/{{run_name}}", **extra), cwd=n, env=env,
-                       nproc=1, node=(i, 2), port=port, log=log) for i, n in enumerate(nodes)]
-
-    first = [tmp_path / "pod0", tmp_path / "pod1"]
-    procs = start(first, "first")
-    kill_when(procs[0], lambda: bool(_s3_keys(s3, "multi/t/latest-rank0.tar.symlink")))
-    os.killpg(procs[1].pid, 9)
-    procs[1].wait()
-    latest = s3["client"].get_object(Bucket=s3["bucket"], Key="multi/t/latest-rank0.tar.symlink")["Body"].read().decode()
-    resumed_from = int(latest.rsplit("-ba", 1)[1].split("-")[0])
-    before = {r["step"]: r for r in metrics(first[0] / "run")}
-    assert resumed_from < LAST and max(before) < LAST, "the kill came after the end of training"
-    grids_before = {p.name: p.read_bytes() for p in (first[0] / "run" / "samples").glob("ba*.png")}
-
-    fresh = [tmp_path / "new-pod0", tmp_path / "new-pod1"]  # empty disks
-    procs = start(fresh, "resume")
-    for n, p in zip(fresh, procs):
-        assert wait(p, 600) == 0, logs(n)
-
-    rows = metrics(fresh[0] / "run")
-    assert [r["step"] for r in rows] == list(range(1, LAST + 1)), "metrics.jsonl should read like one run"
-    assert all(rows[s - 1] == before[s] for s in range(1, resumed_from + 1)), "lines up to the resume point are the first run's"
-    grids = sorted((fresh[0] / "run" / "samples").glob("ba*.png"), key=lambda p: int(p.stem[2:]))
-    assert [p.name for p in grids] == [f"ba{s}.png" for s in range(5, LAST + 1, 5)]
-    assert all(grids_before[p.name] == p.read_bytes() for p in grids if int(p.stem[2:]) <= resumed_from)
-    assert all(grids_before[name] == (fresh[0] / "run" / "samples" / name).read_bytes() for name in grids_before
-               if int(name[2:-4]) > resumed_from), "a grid after the resume point differs from the first run's"
-
-    # the mirror on S3 holds the same: one run's lines (merged parts), every grid once, the config
-    from dip_scale.training.mirror import merge_parts
-
-    keys = _s3_keys(s3, "multi/run/t/")
-    get = lambda k: s3["client"].get_object(Bucket=s3["bucket"], Key=k)["Body"].read()  # noqa: E731
-    parts = {int(k.rsplit("/", 1)[1].split(".")[0]): get(k) for k in keys if k.startswith("multi/run/t/metrics/")}
-    assert merge_parts(parts) == rows
-    assert sorted(k.rsplit("/", 1)[1] for k in keys if k.startswith("multi/run/t/samples/")) == sorted(p.name for p in grids)
-    assert b"run_name: t" in get("multi/run/t/config.yaml")
-    assert not (fresh[1] / "run" / "metrics.jsonl").exists()  # node 1 keeps no run files
-
-    uploaded = _s3_keys(s3, "logs/")
-    assert {"logs/t/logs-rank0.txt", "logs/t/logs-rank1.txt"} <= set(uploaded), uploaded
-    assert b"loss/train/total" in get("logs/t/logs-rank0.txt")
-    assert any(k.startswith("logs/tensorboard_logs/t/events.out.tfevents") for k in uploaded), uploaded
 
 
 # --------------------------------------------------------------------------------------------

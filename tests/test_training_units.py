@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import PYTHON, ROOT, env_with_repo_on_path
+from conftest import PYTHON, ROOT, env_with_repo_on_path, tiny_config
 from dip_scale.config import load_config
 from dip_scale.models import build_model
 from dip_scale.models.export import read_model_file, write_model_file
@@ -56,7 +56,7 @@ def test_train_entry_rejects_a_bad_deepspeed_key_before_training(tmp_path):
 
 
 def _tiny_model():
-    cfg = load_config(None, ["model.preset=tiny/16", "model.image_size=32", "model.num_classes=3", "model.head.channels=[8,16,32,64]"])
+    cfg = tiny_config(**{"model.num_classes": 3})
     torch.manual_seed(0)
     return cfg.model, build_model(cfg.model)
 

@@ -10,20 +10,19 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import ROOT, env_with_repo_on_path, launcher_command
+from conftest import ROOT, TINY_MODEL, env_with_repo_on_path, launcher_command
 
 TRAIN = ROOT / "dip_scale" / "train.py"
 TINY = ROOT / "yamls" / "dip_tiny_cpu.yaml"
-LAST = 40  # steps of the resume tests (tiny_overrides' max_duration), checkpoints every 10
+LAST = 60  # steps of the resume tests (tiny_overrides' max_duration), checkpoints every 10; the S3 kill
+# tests need the room: the first upload (Composer's uploader processes start) can take ~5 s
 
 
 def tiny_overrides(data: str, run_dir: Path, save_folder: str, **extra) -> list[str]:
     base = {
         "run_name": "t",
         "run_dir": str(run_dir),
-        "model.image_size": 32,
-        "model.num_classes": 4,
-        "model.head.channels": "[8,16,32,64]",
+        **{k: v for k, v in TINY_MODEL.items() if k != "model.preset"},  # the YAML's preset is tiny/16
         "data.remote": data,
         "data.batch_size": 8,
         "data.num_workers": 0,
