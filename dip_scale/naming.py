@@ -9,6 +9,15 @@
     <save_folder>/eval/ep{epoch}-ba{batch}[-cfg{s}].json evaluation result of that export (at guidance scale s of a sweep),
                                                           with .png (first samples) and .samples.npz (eval.save_npz) beside it
 
+and every name a run writes into its run folder (`run_dir`, mirrored by training/mirror.py):
+
+    <run_dir>/config.yaml            the resolved config the run was started with
+    <run_dir>/metrics.jsonl          one JSON object per logged step
+    <run_dir>/samples/ba{batch}.png  the EMA sample grid of that step
+    <run_dir>/fid.jsonl  fid.png     the evaluation results (one row per step and scale) and their curves
+    <run_dir>/loss.png               the loss curve (tools/demo.py draws it at the end)
+    <mirror>/metrics/{after:012d}.jsonl   metrics.jsonl in parts, sealed at each checkpoint
+
 Code passes `Step` records around; names are parsed only where a folder listing is read.
 """
 from __future__ import annotations
@@ -23,10 +32,20 @@ STEM = "ep{epoch}-ba{batch}"  # Composer format string of a step (EMA exports, m
 EMA_DIR = "ema"
 EVAL_DIR = "eval"
 
+RUN_CONFIG = "config.yaml"
+RUN_METRICS = "metrics.jsonl"
+RUN_EVALS = "fid.jsonl"
+RUN_EVAL_PLOT = "fid.png"
+RUN_LOSS_PLOT = "loss.png"
+SAMPLES_DIR = "samples"
+METRICS_PARTS_DIR = "metrics"
+
 _TAR = re.compile(r"^ep(\d+)-ba(\d+)-rank(\d+)\.tar$")
 _MANIFEST = re.compile(r"^ep(\d+)-ba(\d+)\.manifest\.json$")
 _EXPORT = re.compile(r"^ep(\d+)-ba(\d+)\.safetensors$")
 _UNIVERSAL = re.compile(r"^ep(\d+)-ba(\d+)(-universal\.tar|\.universal\.json)$")
+_GRID = re.compile(r"^ba(\d+)\.png$")
+_PART = re.compile(r"^(\d{12})\.jsonl$")
 
 
 @dataclass(frozen=True, order=True)
@@ -86,3 +105,24 @@ def is_run_artefact(relpath: str) -> bool:
         return True
     top = relpath.split("/", 1)[0]
     return top in (EMA_DIR, EVAL_DIR) and "/" in relpath
+
+
+def grid(batch: int) -> str:
+    """The sample grid of a step, relative to run_dir: `samples/ba500.png`."""
+    return f"{SAMPLES_DIR}/ba{batch}.png"
+
+
+def parse_grid(name: str) -> Optional[int]:
+    """The step of a grid's file name (`ba500.png`), None for any other name."""
+    m = _GRID.match(name)
+    return int(m[1]) if m else None
+
+
+def metrics_part(after: int) -> str:
+    """The mirror's part of metrics.jsonl holding the lines after checkpoint step `after`."""
+    return f"{METRICS_PARTS_DIR}/{after:012d}.jsonl"
+
+
+def parse_metrics_part(name: str) -> Optional[int]:
+    m = _PART.match(name)
+    return int(m[1]) if m else None

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import PYTHON, env_with_repo_on_path
+from dip_scale import naming
 from dip_scale.config import (
     CallbacksConfig, ConfigError, LoggersConfig, UNSUPPORTED_CALLBACKS, load_config, run_upload_location,
 )
@@ -102,12 +103,12 @@ def _write_rows(run_dir: Path, steps, tag: str = "a"):
 
 
 def _grids(folder: Path) -> list[int]:
-    return sorted(int(n[2:-4]) for n in os.listdir(folder))
+    return sorted(naming.parse_grid(n) for n in os.listdir(folder))
 
 
 def _grid(run_dir: Path, step: int, content: bytes = b"png"):
-    (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-    (run_dir / "samples" / f"ba{step}.png").write_bytes(content + str(step).encode())
+    (run_dir / naming.SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
+    (run_dir / naming.grid(step)).write_bytes(content + str(step).encode())
 
 
 def test_mirror_parts_restore_on_an_empty_disk_and_drop_the_discarded_future(tmp_path):
@@ -258,7 +259,7 @@ def _check_loggers(tmp_path: Path) -> None:
     assert set(tb["scalars"]["lr"]) == set(range(1, 13)) and any(t.startswith("lr-") for t in tb["scalars"])  # + LRMonitor
     assert "time/remaining_estimate" in tb["scalars"] and any(t.startswith("cpu_percentage") or "memory" in t for t in tb["scalars"])
     assert [s for s, _ in tb["images"]["samples/ema"]] == [6, 12]
-    assert all(_same_image(png, tmp_path / "run" / "samples" / f"ba{s}.png") for s, png in tb["images"]["samples/ema"])
+    assert all(_same_image(png, tmp_path / "run" / naming.grid(s)) for s, png in tb["images"]["samples/ema"])
     assert tb["hparams"]["model.preset"] == "tiny/16" and tb["hparams"]["run_name"] == "t"
 
     ml = _mlflow(f"file:{store}")
@@ -271,7 +272,7 @@ def _check_loggers(tmp_path: Path) -> None:
     assert sorted(pngs) == [6, 12], ml["images"]
     for step, path in pngs.items():
         data = Path(ml["artifact_dir"], os.path.basename(path)).read_bytes()
-        assert _same_image(data, tmp_path / "run" / "samples" / f"ba{step}.png")
+        assert _same_image(data, tmp_path / "run" / naming.grid(step))
 
     wb = _wandb(tmp_path / "run")
     by_step = {}
@@ -284,7 +285,7 @@ def _check_loggers(tmp_path: Path) -> None:
     assert image_steps == [6, 12]
     for step in image_steps:
         (name,) = by_step[step]["samples/ema/filenames"]
-        assert _same_image(Path(wb["run_dir"], "files", name).read_bytes(), tmp_path / "run" / "samples" / f"ba{step}.png")
+        assert _same_image(Path(wb["run_dir"], "files", name).read_bytes(), tmp_path / "run" / naming.grid(step))
     assert wb["config"]["model.preset"] == "tiny/16" and wb["config"]["trainer.max_duration"] == "12ba"
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import env_with_repo_on_path, free_port
+from dip_scale import naming
 from training_helpers import (LAST, assert_ema_follows_the_master_weights, assert_matches_clean, at_step, kill_when, launch, logs,
                               losses, metrics, run, tiny_overrides, wait)
 
@@ -98,7 +99,7 @@ def test_two_nodes_restarted_on_empty_disks_resume_exactly_and_continue_their_ru
     resumed_from = int(latest.rsplit("-ba", 1)[1].split("-")[0])
     before = {r["step"]: r for r in metrics(first[0] / "run")}
     assert resumed_from < LAST and max(before) < LAST, "the kill came after the end of training"
-    grids_before = {p.name: p.read_bytes() for p in (first[0] / "run" / "samples").glob("ba*.png")}
+    grids_before = {p.name: p.read_bytes() for p in (first[0] / "run" / naming.SAMPLES_DIR).iterdir()}
 
     fresh = [tmp_path / "new-pod0", tmp_path / "new-pod1"]  # empty disks
     procs = start(fresh, "resume")
@@ -109,11 +110,11 @@ def test_two_nodes_restarted_on_empty_disks_resume_exactly_and_continue_their_ru
     rows = metrics(fresh[0] / "run")
     assert [r["step"] for r in rows] == list(range(1, LAST + 1)), "metrics.jsonl should read like one run"
     assert all(rows[s - 1] == before[s] for s in range(1, resumed_from + 1)), "lines up to the resume point are the first run's"
-    grids = sorted((fresh[0] / "run" / "samples").glob("ba*.png"), key=lambda p: int(p.stem[2:]))
+    grids = sorted((fresh[0] / "run" / naming.SAMPLES_DIR).iterdir(), key=lambda p: naming.parse_grid(p.name))
     assert [p.name for p in grids] == [f"ba{s}.png" for s in range(5, LAST + 1, 5)]
-    assert all(grids_before[p.name] == p.read_bytes() for p in grids if int(p.stem[2:]) <= resumed_from)
-    assert all(grids_before[name] == (fresh[0] / "run" / "samples" / name).read_bytes() for name in grids_before
-               if int(name[2:-4]) > resumed_from), "a grid after the resume point differs from the first run's"
+    assert all(grids_before[p.name] == p.read_bytes() for p in grids if naming.parse_grid(p.name) <= resumed_from)
+    assert all(grids_before[name] == (fresh[0] / "run" / naming.SAMPLES_DIR / name).read_bytes() for name in grids_before
+               if naming.parse_grid(name) > resumed_from), "a grid after the resume point differs from the first run's"
 
     # the mirror on S3 holds the same: one run's lines (merged parts), every grid once, the config
     from dip_scale.training.mirror import merge_parts

@@ -95,22 +95,25 @@ def main(argv: list[str] | None = None) -> int:
         return proc.returncode
 
     step("5/5 results")
+    from dip_scale import naming
     from dip_scale.visual import plot_metrics
 
-    curve = plot_metrics(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "loss.png"))
-    samples = sorted((os.path.join(run_dir, "samples", f) for f in os.listdir(os.path.join(run_dir, "samples"))), key=os.path.getmtime)
+    metrics = os.path.join(run_dir, naming.RUN_METRICS)
+    curve = plot_metrics(metrics, os.path.join(run_dir, naming.RUN_LOSS_PLOT))
+    grids = sorted(s for f in os.listdir(os.path.join(run_dir, naming.SAMPLES_DIR)) if (s := naming.parse_grid(f)) is not None)
     print(f"loss curve:        {curve}")
-    print(f"EMA sample grids:  {', '.join(samples)}")
-    print(f"metrics per step:  {os.path.join(run_dir, 'metrics.jsonl')}")
-    eval_dir = os.path.join(cfg.trainer.save_folder.replace("{run_name}", cfg.run_name), "eval")
+    print(f"EMA sample grids:  {', '.join(os.path.join(run_dir, naming.grid(s)) for s in grids)}")
+    print(f"metrics per step:  {metrics}")
+    save_folder = cfg.trainer.save_folder.replace("{run_name}", cfg.run_name)
+    eval_dir = os.path.join(save_folder, naming.EVAL_DIR)
     results = [json.load(open(os.path.join(eval_dir, f))) for f in sorted(os.listdir(eval_dir)) if f.endswith(".json")] if os.path.isdir(eval_dir) else []
     if results:
         from dip_scale.eval.fid import results_table
 
-        print(f"evaluation per checkpoint: {os.path.join(run_dir, 'fid.png')}  (results + sample grids: {eval_dir}/)")
+        print(f"evaluation per checkpoint: {os.path.join(run_dir, naming.RUN_EVAL_PLOT)}  (results + sample grids: {eval_dir}/)")
         print("stand-in Inception network (no weights can be downloaded here): the numbers show the trend, not paper values")
         print(results_table(results))
-    print(f"EMA weights:       {os.path.join(run_dir, 'checkpoints', 'ema')}/  (dip-sample <file> --out grid.png)")
+    print(f"EMA weights:       {os.path.join(save_folder, naming.EMA_DIR)}/  (dip-sample <file> --out grid.png)")
     return 0
 
 

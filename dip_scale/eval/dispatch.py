@@ -37,7 +37,7 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from dip_scale import storage
+from dip_scale import naming, storage
 from dip_scale.config import ConfigError, ExperimentConfig
 from dip_scale.eval.fid import command
 from dip_scale.eval.jobs import EvalBackend, EvalJob
@@ -268,7 +268,7 @@ class EvalDispatch(Callback):
 
     @property
     def _jsonl(self) -> str:
-        return os.path.join(self.run_dir, "fid.jsonl")
+        return os.path.join(self.run_dir, naming.RUN_EVALS)
 
     def _recorded(self) -> list[dict]:
         from dip_scale.visual import read_jsonl
@@ -301,7 +301,7 @@ class EvalDispatch(Callback):
         rows.append({"step": job.step.batch, "cfg_scale": job.cfg_scale, **row})
         rows.sort(key=lambda r: (r["step"], r.get("cfg_scale") or 0.0))
         storage.write_bytes(self._jsonl, "".join(json.dumps(r) + "\n" for r in rows).encode())
-        plot_eval(rows, os.path.join(self.run_dir, "fid.png"), title=self.cfg.run_name)
+        plot_eval(rows, os.path.join(self.run_dir, naming.RUN_EVAL_PLOT), title=self.cfg.run_name)
 
     def _record(self, result: dict, job: EvalJob, logger: Optional[Logger]) -> None:
         self.results.append(result)

@@ -15,6 +15,8 @@ from composer.core import Callback, Event, State
 from composer.loggers import Logger
 from composer.utils import create_interval_scheduler, dist
 
+from dip_scale import naming
+
 log = logging.getLogger(__name__)
 
 
@@ -122,13 +124,13 @@ class SampleGrid(Callback):
     """Every `interval`, samples fixed classes with fixed seeds from the EMA weights and writes
     <run_dir>/samples/ba<step>.png (rank 0), also handed to Composer's loggers."""
 
-    def __init__(self, ema, sampler_cfg, interval: str, classes: Sequence[int], seed: int, out_dir: str, class_names: Optional[Sequence[str]] = None):
+    def __init__(self, ema, sampler_cfg, interval: str, classes: Sequence[int], seed: int, run_dir: str, class_names: Optional[Sequence[str]] = None):
         self.ema = ema
         self.sampler_cfg = sampler_cfg
         self.should_sample = create_interval_scheduler(interval, include_end_of_training=True, checkpoint_events=False)
         self.classes = list(classes)
         self.seed = seed
-        self.out_dir = out_dir
+        self.run_dir = run_dir
         self.class_names = class_names
         self.written: list[str] = []
 
@@ -154,7 +156,7 @@ class SampleGrid(Callback):
             )
         titles = [self.class_names[c] if self.class_names else str(c) for c in self.classes]
         grid = image_grid(images.cpu(), titles=titles)
-        path = save_png(grid, os.path.join(self.out_dir, f"ba{state.timestamp.batch.value}.png"))
+        path = save_png(grid, os.path.join(self.run_dir, naming.grid(state.timestamp.batch.value)))
         logger.log_images(np.asarray(grid), name="samples/ema", channels_last=True, use_table=False)
         self.written.append(path)
         log.info("EMA sample grid: %s", path)

@@ -26,7 +26,6 @@ import concurrent.futures
 import json
 import logging
 import os
-import re
 import time
 from typing import Optional
 
@@ -34,19 +33,14 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from dip_scale import storage
+from dip_scale import naming, storage
 from dip_scale.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-METRICS = "metrics.jsonl"
-COPIES = ("config.yaml", "fid.jsonl", "fid.png")
-_PART = re.compile(r"^(\d{12})\.jsonl$")
-_GRID = re.compile(r"^ba(\d+)\.png$")
-
-
-def part_name(after: int) -> str:
-    return f"metrics/{after:012d}.jsonl"
+METRICS = naming.RUN_METRICS
+COPIES = (naming.RUN_CONFIG, naming.RUN_EVALS, naming.RUN_EVAL_PLOT)  # whole files, uploaded again when they change
+RESULTS = (naming.RUN_EVALS, naming.RUN_EVAL_PLOT)
 
 
 def merge_parts(parts: dict[int, bytes]) -> list[dict]:
@@ -63,6 +57,12 @@ def merge_parts(parts: dict[int, bytes]) -> list[dict]:
                 rows.append(row)
                 last = row["step"]
     return rows
+
+
+def _under(rel: str, folder: str, parse) -> Optional[int]:
+    """parse(name) of a path `folder/name`, None for a path elsewhere."""
+    head, _, name = rel.partition("/")
+    return parse(name) if head == folder else None
 
 
 class RunMirror(Callback):
@@ -100,7 +100,7 @@ class RunMirror(Callback):
         keys = {k[len(self.remote) + 1:]: k for k in storage.list_keys(self.remote)}
         self._restore_metrics(keys, resume_step)
         self._restore_grids(keys, resume_step)
-        for rel in ("fid.jsonl", "fid.png"):
+        for rel in RESULTS:
             if rel in keys and resume_step == 0:  # a fresh start: the results of a discarded run
                 storage.remove(keys[rel])
             elif rel in keys and not os.path.exists(self._local(rel)):
@@ -110,7 +110,7 @@ class RunMirror(Callback):
         log.info("run files mirrored to %s (restored up to step %d)", self.remote, resume_step)
 
     def _other_run(self) -> Optional[str]:
-        data = storage.read_bytes(self._remote("config.yaml"))
+        data = storage.read_bytes(self._remote(naming.RUN_CONFIG))
         if not data:
             return None
         import yaml
@@ -122,7 +122,7 @@ class RunMirror(Callback):
         return None
 
     def _restore_metrics(self, keys: dict[str, str], resume_step: int) -> None:
-        parts = {int(m.group(1)): rel for rel in keys if rel.startswith("metrics/") and (m := _PART.match(rel[len("metrics/"):]))}
+        parts = {after: rel for rel in keys if (after := _under(rel, naming.METRICS_PARTS_DIR, naming.parse_metrics_part)) is not None}
         kept = {after: storage.read_bytes(keys[rel]) or b"" for after, rel in parts.items() if after < resume_step}
         remote_rows = [r for r in merge_parts(kept) if r["step"] <= resume_step]
         path = self._local(METRICS)
@@ -135,7 +135,7 @@ class RunMirror(Callback):
         data = "".join(json.dumps(r) + "\n" for r in rows).encode()
         storage.write_bytes(path, data)
         if [r["step"] for r in rows] != [r["step"] for r in remote_rows]:  # the mirror lacks some: one part holds them all
-            storage.write_bytes(self._remote(part_name(0)), data)
+            storage.write_bytes(self._remote(naming.metrics_part(0)), data)
             stale = [after for after in parts if 0 < after < resume_step]
         else:
             stale = []
@@ -143,17 +143,17 @@ class RunMirror(Callback):
             storage.remove(keys[parts[after]])
 
     def _restore_grids(self, keys: dict[str, str], resume_step: int) -> None:
-        folder = self._local("samples")
+        folder = self._local(naming.SAMPLES_DIR)
         os.makedirs(folder, exist_ok=True)
         for name in os.listdir(folder):
-            m = _GRID.match(name)
-            if m and int(m.group(1)) > resume_step:
+            step = naming.parse_grid(name)
+            if step is not None and step > resume_step:
                 os.remove(os.path.join(folder, name))
         for rel, key in keys.items():
-            m = _GRID.match(rel[len("samples/"):]) if rel.startswith("samples/") else None
-            if m is None:
+            step = _under(rel, naming.SAMPLES_DIR, naming.parse_grid)
+            if step is None:
                 continue
-            if int(m.group(1)) > resume_step:
+            if step > resume_step:
                 storage.remove(key)
                 continue
             if not os.path.exists(self._local(rel)):
@@ -224,11 +224,11 @@ class RunMirror(Callback):
             with open(self._local(METRICS), "rb") as f:
                 f.seek(self._part_offset)
                 data = f.read(end - self._part_offset)
-            self._submit(part_name(self._part_after), data, size=len(data))
+            self._submit(naming.metrics_part(self._part_after), data, size=len(data))
         changed = [rel for rel in COPIES if os.path.exists(self._local(rel))]
-        samples = self._local("samples")
+        samples = self._local(naming.SAMPLES_DIR)
         if os.path.isdir(samples):
-            changed += [f"samples/{n}" for n in sorted(os.listdir(samples)) if _GRID.match(n)]
+            changed += [naming.grid(step) for n in sorted(os.listdir(samples)) if (step := naming.parse_grid(n)) is not None]
         for rel in changed:
             st = os.stat(self._local(rel))
             if self._synced.get(rel) != (st.st_mtime_ns, st.st_size):

@@ -20,9 +20,8 @@ from typing import Any, Optional
 
 import torch
 
-from dip_scale import storage
+from dip_scale import naming, storage
 from dip_scale.config import ConfigError, ExperimentConfig, spread_classes, to_dict, to_yaml
-from dip_scale.naming import LATEST_FILENAME, SAVE_FILENAME
 
 log = logging.getLogger("dip_scale")
 
@@ -126,7 +125,7 @@ def build(cfg: ExperimentConfig, rt: Runtime) -> Run:
     t = cfg.trainer
     os.makedirs(rt.run_dir, exist_ok=True)
     if rt.rank == 0:
-        with open(os.path.join(rt.run_dir, "config.yaml"), "w") as f:
+        with open(os.path.join(rt.run_dir, naming.RUN_CONFIG), "w") as f:
             f.write(to_yaml(cfg))
     log.info("rank %d/%d: run %s, run_dir %s, per-device batch %d", rt.rank, rt.world, cfg.run_name, rt.run_dir, rt.device_batch)
     autoresume = t.autoresume if t.autoresume is not None else bool(t.save_folder)
@@ -177,14 +176,14 @@ def build(cfg: ExperimentConfig, rt: Runtime) -> Run:
     ema.export_at_start = init_weights is not None
     rng = RestoreRNG()
     grid = SampleGrid(ema, cfg.sampler, cfg.logging.sample_interval, _sample_classes(cfg), cfg.logging.sample_seed,
-                      os.path.join(rt.run_dir, "samples"), class_names=[c["name"] for c in info.classes] if info else None)
+                      rt.run_dir, class_names=[c["name"] for c in info.classes] if info else None)
     callbacks = [
         TrainingStep(composer_model),
         NonFiniteGuard(),  # first to see a batch's end: stops before anything else records a non-finite step
         ema,
         rng,
         RunConfig({**to_dict(cfg), "compute": compute}),
-        MetricsJSONL(os.path.join(rt.run_dir, "metrics.jsonl"), cfg.logging.metrics_interval, cfg.logging.sample_ids),
+        MetricsJSONL(os.path.join(rt.run_dir, naming.RUN_METRICS), cfg.logging.metrics_interval, cfg.logging.sample_ids),
         grid,
         *([mirror] if mirror else []),  # after the callbacks that write run_dir's files
         *build_callbacks(cfg),  # SpeedMonitor (always) and the `callbacks:` section
@@ -266,13 +265,13 @@ def _checkpoint_saver(cfg: ExperimentConfig, on_saved):
     backend, _, path = parse_uri(t.save_folder)
     remote = latest_remote = None
     if backend:
-        remote = str(Path(path) / SAVE_FILENAME) if path else SAVE_FILENAME
-        latest_remote = str(Path(path) / LATEST_FILENAME) if path else LATEST_FILENAME
+        remote = str(Path(path) / naming.SAVE_FILENAME) if path else naming.SAVE_FILENAME
+        latest_remote = str(Path(path) / naming.LATEST_FILENAME) if path else naming.LATEST_FILENAME
     keep = t.save_num_checkpoints_to_keep
     if backend and keep < 0:
         keep = 1  # for an S3 folder this counts the local staging copies only; S3 keeps every checkpoint
     return RecordingCheckpointSaver(
-        folder=t.save_folder, filename=SAVE_FILENAME, remote_file_name=remote, latest_filename=LATEST_FILENAME,
+        folder=t.save_folder, filename=naming.SAVE_FILENAME, remote_file_name=remote, latest_filename=naming.LATEST_FILENAME,
         latest_remote_file_name=latest_remote, save_interval=t.save_interval, overwrite=True,
         num_checkpoints_to_keep=keep, on_saved=lambda state, tar: on_saved(state, tar, folder),
     )
@@ -315,27 +314,32 @@ def report(cfg: ExperimentConfig, rt: Runtime, run: Run) -> None:
     t = cfg.trainer
     folder = t.save_folder.replace("{run_name}", cfg.run_name) if t.save_folder else None
     print(f"\ndone: {cfg.run_name} at batch {run.trainer.state.timestamp.batch.value}", file=sys.stderr)
-    print(f"  metrics:      {os.path.join(rt.run_dir, 'metrics.jsonl')}", file=sys.stderr)
+    print(f"  metrics:      {os.path.join(rt.run_dir, naming.RUN_METRICS)}", file=sys.stderr)
     exported = run.ema.exported[-1][1] if run.ema.exported else _latest_export(folder)
     if exported:
         print(f"  EMA weights:  {exported}", file=sys.stderr)
-    written = [g.written[-1] for g in run.grids if g.written] or sorted(Path(rt.run_dir, "samples").glob("ba*.png"), key=lambda p: int(p.stem[2:]))[-1:]
+    written = [g.written[-1] for g in run.grids if g.written] or _latest_grid(rt.run_dir)
     if written:
         print(f"  sample grid:  {written[-1]}", file=sys.stderr)
     if folder:
         print(f"  checkpoints:  {folder}", file=sys.stderr)
     if run.evals is not None and run.evals.results:
-        print(f"  FID curve:    {os.path.join(rt.run_dir, 'fid.png')} (last: {run.evals.results[-1]['fid']:.3f})", file=sys.stderr)
+        print(f"  FID curve:    {os.path.join(rt.run_dir, naming.RUN_EVAL_PLOT)} (last: {run.evals.results[-1]['fid']:.3f})", file=sys.stderr)
+
+
+def _latest_grid(run_dir: str) -> list[str]:
+    """The newest sample grid in run_dir (one written before a resume), as a list of 0 or 1."""
+    folder = os.path.join(run_dir, naming.SAMPLES_DIR)
+    steps = [s for n in (os.listdir(folder) if os.path.isdir(folder) else []) if (s := naming.parse_grid(n)) is not None]
+    return [os.path.join(run_dir, naming.grid(max(steps)))] if steps else []
 
 
 def _latest_export(folder: Optional[str]) -> Optional[str]:
-    from dip_scale.naming import EMA_DIR, parse_export
-
     if not folder:
         return None
     steps = {}
-    for path in storage.list_keys(storage.join(folder, EMA_DIR)):
-        step = parse_export(path.rsplit("/", 1)[-1])
+    for path in storage.list_keys(storage.join(folder, naming.EMA_DIR)):
+        step = naming.parse_export(path.rsplit("/", 1)[-1])
         if step is not None:
             steps[step] = path
     return steps[max(steps)] if steps else None
