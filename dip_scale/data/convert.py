@@ -272,6 +272,36 @@ def _init_worker(counter) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+class WriterPool:
+    """The spawned processes that write chunks, one pool for the whole conversion (each start
+    imports streaming and torch: seconds), started only when a chunk is pending. Leaving the
+    block terminates the workers, also on an error."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._pool = None
+        self._counter = None
+
+    def submit(self, fn, args):
+        if self._pool is None:
+            ctx = mp.get_context("spawn")
+            self._counter = ctx.Value("q", 0)
+            self._pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(self._counter,))
+        return self._pool.apply_async(fn, args)
+
+    def images_done(self) -> int:
+        """Images the workers have converted so far (for the progress bar)."""
+        return self._counter.value if self._counter is not None else 0
+
+    def __enter__(self) -> "WriterPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+
+
 def chunk_dir(out: str, split: str, chunk: int) -> str:
     return storage.join(out, split, f"chunk-{chunk:05d}")
 
@@ -392,7 +422,7 @@ def check_split_index(out: str, split: str, chunks: int, markers: dict[int, dict
 
 
 def convert_split(out: str, split: str, chunks: list[list[Sample]], markers: dict[int, dict], settings: Settings,
-                  workers: int, skip_bad: bool) -> SplitResult:
+                  writers: WriterPool, skip_bad: bool) -> SplitResult:
     """Write the chunks not sealed yet, then the split's index once every chunk is sealed and
     the counts add up (with bad files only under --skip-bad)."""
     from tqdm import tqdm
@@ -401,18 +431,16 @@ def convert_split(out: str, split: str, chunks: list[list[Sample]], markers: dic
     if markers:
         print(f"{split}: resuming, {len(markers)}/{len(chunks)} chunks already complete", file=sys.stderr)
     if pending:
-        ctx = mp.get_context("spawn")
-        counter = ctx.Value("q", 0)
-        total = sum(len(chunks[i]) for i in pending)
-        with ctx.Pool(min(workers, len(pending)), initializer=_init_worker, initargs=(counter,)) as pool:
-            jobs = {i: pool.apply_async(convert_chunk, (out, split, i, chunks[i], settings)) for i in pending}
-            with tqdm(total=total, desc=f"{split}", unit="img", dynamic_ncols=True, smoothing=0.05) as bar:
-                while jobs:
-                    time.sleep(0.5)
-                    bar.update(counter.value - bar.n)
-                    for i in [i for i, j in jobs.items() if j.ready()]:
-                        markers[i] = jobs.pop(i).get()  # re-raises a worker's exception here
-                bar.update(counter.value - bar.n)
+        total, before = sum(len(chunks[i]) for i in pending), writers.images_done()
+        jobs = {i: writers.submit(convert_chunk, (out, split, i, chunks[i], settings)) for i in pending}
+        import streaming.base.util  # noqa: F401  (merged_index's import, seconds: done while the workers start)
+        with tqdm(total=total, desc=f"{split}", unit="img", dynamic_ncols=True, smoothing=0.05) as bar:
+            while jobs:
+                next(iter(jobs.values())).wait(0.5)  # the oldest chunk, or a refresh of the bar
+                bar.update(writers.images_done() - before - bar.n)
+                for i in [i for i, j in jobs.items() if j.ready()]:
+                    markers[i] = jobs.pop(i).get()  # re-raises a worker's exception here
+            bar.update(writers.images_done() - before - bar.n)
 
     ordered = [markers[i] for i in range(len(chunks))]
     bad = [b for m in ordered for b in m["bad"]]
@@ -571,7 +599,9 @@ def convert(
         check_split_index(out, s, len(chunks[s]), markers[s])
     storage.check_writable(out)
 
-    results = {s: convert_split(out, s, chunks[s], markers[s], settings, workers, skip_bad) for s in splits}
+    pending = sum(len(chunks[s]) - len(markers[s]) for s in splits)
+    with WriterPool(max(1, min(workers, pending))) as writers:
+        results = {s: convert_split(out, s, chunks[s], markers[s], settings, writers, skip_bad) for s in splits}
     complete = all(r.merged for r in results.values())
     report = {
         "status": "complete" if complete else "incomplete: undecodable files (rerun with --skip-bad to accept)",
