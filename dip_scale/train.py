@@ -43,13 +43,13 @@ def _graceful_sigterm() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _graceful_sigterm()  # first: a config error is met by every rank, the slowest must still report it
     try:
         cfg = load_config_or_exit(sys.argv[1:] if argv is None else argv, USAGE, check_files=True)
     except SystemExit as e:
         return int(e.code)
     from dip_scale import storage
 
-    _graceful_sigterm()
     rank = os.environ.get("RANK", "0")
     try:
         for key, url in s3_locations(cfg):
