@@ -191,6 +191,21 @@ def at_step(folder: Path, pattern: str, step: int) -> Path:
     return found[0]
 
 
+def copy_run_until(src_ckpt: Path, src_run: Path, dst: Path, step: int) -> None:
+    """dst/ckpt and dst/run as a run killed right after its checkpoint at `step` left them (the
+    checkpoints up to it, metrics.jsonl up to it): what a resume reads, without a launch to kill."""
+    import shutil
+
+    def keep(name: str) -> bool:
+        digits = name.split("-ba")[1].split("-")[0].split(".")[0] if "-ba" in name else None
+        return digits is None or int(digits) <= step
+
+    shutil.copytree(src_ckpt, dst / "ckpt", ignore=lambda d, names: [n for n in names if not keep(n)])
+    (dst / "run").mkdir(parents=True)
+    rows = [line for line in (src_run / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step]
+    (dst / "run" / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+
+
 def assert_matches_clean(clean_run: dict, resumed_run: Path, resumed_ema, resumed_from: int, last: int = LAST) -> None:
     """Losses after the resume point and the EMA export at `last` equal the uninterrupted run's
     (bitwise); metrics.jsonl reads like one run. `resumed_ema`: a path or the file's bytes."""

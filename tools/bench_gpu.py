@@ -3,6 +3,7 @@ features and data loading of DiP-XL/16 @256, one table + one JSON line (≤ 8 mi
 H100/H200-class GPU).
 
     python tools/bench_gpu.py [--peak-flops 989e12] [--data s3://.../imagenet-mds-256] [--inception W.pt]
+    python tools/bench_gpu.py --set model.preset=L/16 model.head.placement=hybrid --batches 64,128
     python tools/bench_gpu.py --tiny --device cpu      # the same code path in CI, in under two minutes
 
 * train: the DeepSpeed engine the paper config builds (ZeRO-2; bf16 parameters with fp32 masters
@@ -186,6 +187,8 @@ def bench_loader(data: str, images: int) -> dict:
             n += x.shape[0]
             if n >= images and t0 is not None:
                 break
+        if t0 is None or n == 0:
+            raise SystemExit(f"--data {data}: too few images to time the loader (it needs at least 2 batches of 16)")
         sec = time.perf_counter() - t0
     return {"workers": 1, "img_per_s_per_worker": round(n / sec, 1), "images": n}
 
@@ -219,17 +222,25 @@ def main(argv=None) -> int:
     ap.add_argument("--inception", default=None, help="inception-2015-12-05.pt for the features row; default: a stand-in")
     ap.add_argument("--workdir", default=None, help="where the offline stand-ins are built (default: a temp folder)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides of the benchmarked model, "
+                    "e.g. model.preset=L/16 model.image_size=512 (validated like the trainer's)")
+    ap.add_argument("--batches", default=None, help="per-GPU training batch sizes, comma-separated (default: 32,64; --tiny: 4,8)")
     args = ap.parse_args(argv)
-    from dip_scale.config import load_config
+    from dip_scale.config import load_config_or_exit
 
     device = torch.device(args.device)
     if args.tiny:
         # two blocks: compiling costs a CPU minutes per distinct graph
-        cfg = load_config(os.path.join(ROOT, "yamls", "dip_tiny_cpu.yaml"), ["logging.sample_classes=[0]", "model.depth=2"])
+        cfg = load_config_or_exit([os.path.join(ROOT, "yamls", "dip_tiny_cpu.yaml"), "logging.sample_classes=[0]", "model.depth=2", *args.set], ap.format_usage())
         batches, steps, tp, sample_batch, sample_steps, feat_batch, loader_n = (4, 8), 5, 8, 4, 10, 8, 64
     else:
-        cfg = load_config(os.path.join(ROOT, "yamls", "dip_xl16_600ep.yaml"))
+        cfg = load_config_or_exit([os.path.join(ROOT, "yamls", "dip_xl16_600ep.yaml"), *args.set], ap.format_usage())
         batches, steps, tp, sample_batch, sample_steps, feat_batch, loader_n = (32, 64), 10, 64, 64, 100, 250, 2000
+    if args.batches:
+        try:
+            batches = tuple(int(b) for b in args.batches.split(","))
+        except ValueError:
+            ap.error(f"--batches {args.batches!r}: comma-separated integers, e.g. 32,64")
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench-gpu-")
     os.makedirs(workdir, exist_ok=True)
     need_demo = args.data is None or args.inception is None
