@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import PYTHON, ROOT, env_with_repo_on_path, tiny_config, write_reference
 from training_helpers import logs, run, tiny_overrides
 
-from dip_scale import storage
+from dip_scale import naming, storage
 from dip_scale.config import EvalConfig, KubernetesConfig, ModelConfig, SamplerConfig
 from dip_scale.eval.features import FeatureStats, load_feature_extractor, load_reference, save_reference, sha256_of
 
@@ -295,7 +295,7 @@ def test_training_dispatches_a_local_fid_job_per_checkpoint(tiny_mds, standin_in
     deadline = time.time() + 240
     while len(list((ckpt / "eval").glob("*.json"))) < 2 and time.time() < deadline:
         time.sleep(1)
-    assert sorted(p.stem.rsplit("-ba", 1)[1] for p in (ckpt / "eval").glob("*.json")) == ["10", "20"], logs(tmp_path)
+    assert sorted(json.loads(p.read_text())["step"] for p in (ckpt / naming.EVAL_DIR).glob("*.json")) == [10, 20], logs(tmp_path)
 
     run([*args, "trainer.max_duration=30ba"], cwd=tmp_path, log="resume")
     rows = [json.loads(line) for line in (tmp_path / "run" / "fid.jsonl").read_text().splitlines()]
@@ -352,7 +352,7 @@ def test_training_creates_a_kubernetes_job_per_checkpoint_whose_command_works(ti
         "eval.wait_at_end": "false"}),  # the Jobs of this API never finish by themselves
         cwd=tmp_path, env=env_with_repo_on_path(**s3["env"]))
     jobs = kube_api["jobs"]
-    steps = sorted(int(j["metadata"]["annotations"]["dip-scale/model-file"].rsplit("-ba", 1)[1].split(".")[0]) for j in jobs.values())
+    steps = sorted(naming.parse_export(j["metadata"]["annotations"]["dip-scale/model-file"].rsplit("/", 1)[1]).batch for j in jobs.values())
     assert steps == [10, 20], logs(tmp_path)
     job = next(j for j in jobs.values() if j["metadata"]["annotations"]["dip-scale/model-file"].endswith("-ba20.safetensors"))
     argv = job["spec"]["template"]["spec"]["containers"][0]["command"]

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from conftest import PYTHON, ROOT, env_with_repo_on_path, free_port
-from training_helpers import FlakyProxy, assert_matches_clean, at_step, launch, logs, losses, run, tiny_overrides, wait
+from dip_scale import naming
+from training_helpers import FlakyProxy, assert_matches_clean, at_step, kill_when, launch, logs, losses, run, tiny_overrides, wait
 
 pytestmark = pytest.mark.slow
 KEY = {"DIP_SCALE_CHECKPOINT_KEY": "a-secret-from-a-kubernetes-secret"}
@@ -113,11 +114,26 @@ class Folder:
 @pytest.fixture(scope="module")
 def local_source(tiny_mds, tmp_path_factory):
     """30 steps of the clean run's configuration (so its checkpoints are the clean run's), with
-    authentication on."""
+    authentication on, killed (-9) a few steps past its first checkpoint and restarted: the
+    cases below start from a run that came through a kill."""
     root = tmp_path_factory.mktemp("source-local")
-    run(tiny_overrides(tiny_mds, root / "run", str(root / "ckpt"), **{"trainer.max_duration": f"{SOURCE_END}ba"}),
-        cwd=root, env=env_with_repo_on_path(**KEY))
-    return root
+    args = tiny_overrides(tiny_mds, root / "run", str(root / "ckpt"), **{"trainer.max_duration": f"{SOURCE_END}ba"})
+    env = env_with_repo_on_path(**KEY)
+    proc = launch(args, cwd=root, env=env)
+    kill_when(proc, lambda: os.path.lexists(root / "ckpt" / "latest-rank1.tar") and max(losses(root / "run") or [0]) > 10)
+    killed_at = max(losses(root / "run"))
+    resumed_from = naming.parse_tar(os.readlink(root / "ckpt" / "latest-rank0.tar").rsplit("/", 1)[-1])[0].batch
+    run(args, cwd=root, env=env, log="resume")
+    return {"root": root, "killed_at": killed_at, "resumed_from": resumed_from}
+
+
+def test_a_run_killed_9_past_a_checkpoint_resumes_exactly(clean_run, local_source):
+    """Losses after the resume point and the EMA export equal the uninterrupted run's bitwise;
+    metrics.jsonl reads like one run."""
+    root = local_source["root"]
+    assert local_source["resumed_from"] < local_source["killed_at"] < SOURCE_END  # killed mid-run, past its last checkpoint
+    assert_matches_clean(clean_run, root / "run", at_step(root / "ckpt", "ema/ep*-ba{step}.safetensors", SOURCE_END),
+                         local_source["resumed_from"], last=SOURCE_END)
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +178,8 @@ def test_an_s3_outage_during_a_checkpoint_upload_loses_nothing(s3_source):
 def _case(backend: str, name: str, local_source, s3_source, tmp_path) -> tuple[Folder, Path, dict]:
     """A copy of the source run (save folder and run folder) for one case."""
     if backend == "local":
-        folder = Folder(str(local_source / "ckpt")).copy_to(str(tmp_path / "ckpt"))
-        shutil.copytree(local_source / "run", tmp_path / "run")
+        folder = Folder(str(local_source["root"] / "ckpt")).copy_to(str(tmp_path / "ckpt"))
+        shutil.copytree(local_source["root"] / "run", tmp_path / "run")
         return folder, tmp_path / "run", {}
     s3 = s3_source["s3"]
     folder = Folder(f"s3://{s3['bucket']}/source", s3).copy_to(f"s3://{s3['bucket']}/{name}")
@@ -302,18 +318,38 @@ def test_a_refused_endpoint_is_one_clear_line_within_a_minute(tiny_mds, tmp_path
     assert took < 90 and endpoint in out and "trainer.save_folder" in out and "Traceback" not in out
 
 
-def test_a_silent_endpoint_does_not_hang_the_converter(tmp_path):
+@pytest.fixture(scope="module", autouse=True)
+def silent_endpoint_conversion(tmp_path_factory):
+    """The converter against an endpoint that accepts connections and never answers, started with
+    the module: what it waits for is wall-clock time, not CPU, so it runs beside the launches of
+    the cases above; the last test reads its outcome."""
     from dip_scale.data import demo_tree
 
+    tmp = tmp_path_factory.mktemp("silent")
     silent = _Silent()
-    demo_tree.make(str(tmp_path / "tree"), classes=2, train_per_class=2, val_per_class=1,
-                                     val_layout="folders", oddities=False, seed=0)
+    demo_tree.make(str(tmp / "tree"), classes=2, train_per_class=2, val_per_class=1, val_layout="folders", oddities=False, seed=0)
     endpoint = f"http://127.0.0.1:{silent.port}"
     env = env_with_repo_on_path(S3_ENDPOINT_URL=endpoint, AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x")
-    start = time.time()
-    proc = subprocess.run([PYTHON, str(ROOT / "tools" / "convert_imagenet_mds.py"), "--src", str(tmp_path / "tree"),
-                           "--out", "s3://bucket/mds", "--resolution", "32", "--workers", "1"],
-                          capture_output=True, text=True, env=env, timeout=300)
-    took = time.time() - start
-    assert proc.returncode == 2 and took < 90, (took, proc.stderr)
-    assert endpoint in proc.stderr and "Traceback" not in proc.stderr
+    outcome = {"endpoint": endpoint, "start": time.time(), "stderr": tmp / "stderr.txt"}
+    with open(outcome["stderr"], "w") as err:
+        proc = subprocess.Popen([PYTHON, str(ROOT / "tools" / "convert_imagenet_mds.py"), "--src", str(tmp / "tree"),
+                                 "--out", "s3://bucket/mds", "--resolution", "32", "--workers", "1"],
+                                stdout=subprocess.DEVNULL, stderr=err, env=env)
+
+    def watch():
+        outcome["rc"] = proc.wait()
+        outcome["took"] = time.time() - outcome["start"]
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    outcome["watcher"] = watcher
+    yield outcome
+    proc.kill()
+
+
+def test_a_silent_endpoint_does_not_hang_the_converter(silent_endpoint_conversion):
+    outcome = silent_endpoint_conversion
+    outcome["watcher"].join(timeout=300)
+    stderr = outcome["stderr"].read_text()
+    assert outcome.get("rc") == 2 and outcome["took"] < 90, (outcome, stderr)
+    assert outcome["endpoint"] in stderr and "Traceback" not in stderr

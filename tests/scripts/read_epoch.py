@@ -1,9 +1,9 @@
 """Test harness run under the real `composer -n 2` launcher: read an MDS split through
-dip_scale's loader on every rank and record which samples each rank saw, optionally stopping
-after K batches (saving the dataset state exactly as Composer does at a checkpoint) or resuming
-from such a state.
+dip_scale's loader on every rank and record which samples each rank saw, optionally saving
+the dataset state after K batches exactly as Composer does at a checkpoint (and reading on, as
+training does), or resuming from such a state.
 
-    read_epoch.py REMOTE OUT_DIR --batch 2 [--stop-after K] [--resume STATE.json] [--epochs 1]
+    read_epoch.py REMOTE OUT_DIR --batch 2 [--state-after K] [--resume STATE.json] [--epochs 1]
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def main() -> None:
     ap.add_argument("--split", default="train")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--stop-after", type=int, default=None)
+    ap.add_argument("--state-after", type=int, default=None)
     ap.add_argument("--resume", default=None)
     ap.add_argument("--epochs", type=int, default=1)
     args = ap.parse_args()
@@ -45,14 +45,10 @@ def main() -> None:
         for images, _labels, ids in loader:
             shapes.add((tuple(images.shape[1:]), str(images.dtype)))
             seen.append(ids.tolist())
-            if len(seen) == args.stop_after:
-                break
-        if len(seen) == args.stop_after:
-            break
-    if args.stop_after is not None and rank == 0:  # what Composer stores in a checkpoint
-        state = loader.dataset.state_dict(num_samples=len(seen) * args.batch * world, from_beginning=True)
-        with open(os.path.join(args.out_dir, "state.json"), "w") as f:
-            json.dump(state, f)
+            if len(seen) == args.state_after and rank == 0:  # what Composer stores in a checkpoint
+                state = loader.dataset.state_dict(num_samples=len(seen) * args.batch * world, from_beginning=True)
+                with open(os.path.join(args.out_dir, "state.json"), "w") as f:
+                    json.dump(state, f)
     with open(os.path.join(args.out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"batches": seen, "shapes": sorted(map(list, shapes))}, f)
 
