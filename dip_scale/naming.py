@@ -118,6 +118,11 @@ def parse_grid(name: str) -> Optional[int]:
     return int(m[1]) if m else None
 
 
+def grid_steps(names) -> list[int]:
+    """The steps of the sample grids among file names (a listing of run_dir/samples), in order."""
+    return sorted(s for n in names if (s := parse_grid(n)) is not None)
+
+
 def metrics_part(after: int) -> str:
     """The mirror's part of metrics.jsonl holding the lines after checkpoint step `after`."""
     return f"{METRICS_PARTS_DIR}/{after:012d}.jsonl"

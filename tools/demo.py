@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     metrics = os.path.join(run_dir, naming.RUN_METRICS)
     curve = plot_metrics(metrics, os.path.join(run_dir, naming.RUN_LOSS_PLOT))
-    grids = sorted(s for f in os.listdir(os.path.join(run_dir, naming.SAMPLES_DIR)) if (s := naming.parse_grid(f)) is not None)
+    grids = naming.grid_steps(os.listdir(os.path.join(run_dir, naming.SAMPLES_DIR)))
     print(f"loss curve:        {curve}")
     print(f"EMA sample grids:  {', '.join(os.path.join(run_dir, naming.grid(s)) for s in grids)}")
     print(f"metrics per step:  {metrics}")

@@ -228,7 +228,7 @@ class RunMirror(Callback):
         changed = [rel for rel in COPIES if os.path.exists(self._local(rel))]
         samples = self._local(naming.SAMPLES_DIR)
         if os.path.isdir(samples):
-            changed += [naming.grid(step) for n in sorted(os.listdir(samples)) if (step := naming.parse_grid(n)) is not None]
+            changed += [naming.grid(step) for step in naming.grid_steps(os.listdir(samples))]
         for rel in changed:
             st = os.stat(self._local(rel))
             if self._synced.get(rel) != (st.st_mtime_ns, st.st_size):

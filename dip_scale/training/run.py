@@ -330,8 +330,8 @@ def report(cfg: ExperimentConfig, rt: Runtime, run: Run) -> None:
 def _latest_grid(run_dir: str) -> list[str]:
     """The newest sample grid in run_dir (one written before a resume), as a list of 0 or 1."""
     folder = os.path.join(run_dir, naming.SAMPLES_DIR)
-    steps = [s for n in (os.listdir(folder) if os.path.isdir(folder) else []) if (s := naming.parse_grid(n)) is not None]
-    return [os.path.join(run_dir, naming.grid(max(steps)))] if steps else []
+    steps = naming.grid_steps(os.listdir(folder) if os.path.isdir(folder) else [])
+    return [os.path.join(run_dir, naming.grid(steps[-1]))] if steps else []
 
 
 def _latest_export(folder: Optional[str]) -> Optional[str]:
