@@ -84,7 +84,7 @@ def bench_train(model_cfg, objective_cfg, batch: int, compile_: bool, device, st
     model = build_model(model_cfg)
     t0 = time.perf_counter()
     if compile_:
-        model.compile()
+        model.compile_trunk()
     macs = trained_macs_per_image(model_cfg)
     cm = DiPComposerModel(model, FlowMatchingObjective(objective_cfg, model_cfg.num_classes), macs).to(device)
     bf16 = device.type == "cuda"

@@ -42,8 +42,8 @@ class ModelConfig:
     # else keeps PyTorch's defaults (the released DiP, where the paper's numbers come from);
     # dit: DiT's recipe (xavier linears, adaLN-zero, zero output layer)
     init: Init = "released"
-    # torch.compile of the DiP module for training (in place, so names stay); compile_mode is
-    # torch.compile's mode
+    # torch.compile of each trunk block for training (DiP.compile_trunk: in place, so names
+    # stay; compile time independent of depth); compile_mode is torch.compile's mode
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     # recompute each trunk block in the backward pass instead of keeping its activations

@@ -142,7 +142,7 @@ def build(cfg: ExperimentConfig, rt: Runtime) -> Run:
     reproducibility.seed_all(cfg.seed)
     model = build_model(cfg.model)
     if cfg.model.compile:
-        model.compile(mode=cfg.model.compile_mode)  # in place: parameter names (checkpoints, EMA) unchanged
+        model.compile_trunk(cfg.model.compile_mode)
     repa = None
     if cfg.objective.repa.enabled:
         from dip_scale.diffusion.repa import build_repa
