@@ -57,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     except storage.StorageUnreachable as e:
         print(f"dip_scale (rank {rank}): {e}", file=sys.stderr)
         return EXIT_STORAGE
+    if not cfg.model.compile:
+        # DeepSpeed's ZeRO optimizer check imports its Muon kernels, whose torch.compile decorator
+        # pre-starts inductor's compile-worker process on every rank (a process that imports torch,
+        # ~7 s of CPU); a run that compiles nothing never uses it
+        os.environ.setdefault("TORCH_WARM_POOL", "0")
     import logging
 
     from dip_scale.data.streaming import ShardError
