@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 # ~1e-6 (loss) and ~1e-6 (EMA), so 1e-4 leaves room without hiding a real divergence (a wrong
 # data order or optimizer state moves losses by percents)
 RTOL = 1e-4
-MID = LAST // 2  # where the world size changes
+MID = LAST // 2  # where the compiled run takes over
+SWITCH = 10  # where the other stages change world size (their first checkpoint)
 
 
 def _rows(run_dir: Path) -> dict[int, dict]:
@@ -79,17 +80,17 @@ def test_zero2_two_processes_to_one_compiled(clean_run, tiny_mds, tmp_path):
 def test_other_zero_stages_train_the_same_and_change_world_size(stage, first, then, clean_run, tiny_mds, tmp_path):
     """ZeRO-1 and ZeRO-3 train the same mathematics as the ZeRO-2 reference (to reduction order),
     ZeRO-1 from 1 process continued on 2, ZeRO-3 from 2 processes continued on 1."""
-    stage_args = {"deepspeed.zero_optimization.stage": stage, "trainer.max_duration": f"{MID}ba"}
+    stage_args = {"deepspeed.zero_optimization.stage": stage, "trainer.max_duration": f"{SWITCH}ba"}
     run(tiny_overrides(tiny_mds, tmp_path / "run", str(tmp_path / "ckpt"), **stage_args), cwd=tmp_path, nproc=first)
-    _assert_continues_like(clean_run["run"], tmp_path / "run", 0, MID)  # the same data and noise on 1 or 2 processes
+    _assert_continues_like(clean_run["run"], tmp_path / "run", 0, SWITCH)  # the same data and noise on 1 or 2 processes
     if stage == 3:  # partitioned: each rank's checkpoint holds about half of the fp32 master parameters
-        held = [_tar_member(at_step(tmp_path / "ckpt", f"ep*-ba{{step}}-rank{r}.tar", MID), f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+        held = [_tar_member(at_step(tmp_path / "ckpt", f"ep*-ba{{step}}-rank{r}.tar", SWITCH), f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
                 for r in (0, 1)]
         sizes = [sum(t.numel() for t in sd["optimizer_state_dict"]["fp32_flat_groups"]) for sd in held]
-        total = sum(t.numel() for t in _ema(clean_run["ckpt"], MID).values())
+        total = sum(t.numel() for t in _ema(clean_run["ckpt"], SWITCH).values())
         assert all(abs(s - total / 2) <= 0.01 * total for s in sizes), (sizes, total)
-    run(tiny_overrides(tiny_mds, tmp_path / "run", str(tmp_path / "ckpt"), **{**stage_args, "trainer.max_duration": f"{MID + 10}ba"}),
+    run(tiny_overrides(tiny_mds, tmp_path / "run", str(tmp_path / "ckpt"), **{**stage_args, "trainer.max_duration": f"{SWITCH + 10}ba"}),
         cwd=tmp_path, nproc=then, log="resume")
     assert f"written by {first} ranks, this run has {then}" in (tmp_path / "resume.launcher.log").read_text()
-    _assert_continues_like(clean_run["run"], tmp_path / "run", MID, MID + 10)
-    _assert_ema_close(_ema(clean_run["ckpt"], MID + 10), _ema(tmp_path / "ckpt", MID + 10))
+    _assert_continues_like(clean_run["run"], tmp_path / "run", SWITCH, SWITCH + 10)
+    _assert_ema_close(_ema(clean_run["ckpt"], SWITCH + 10), _ema(tmp_path / "ckpt", SWITCH + 10))

@@ -26,7 +26,8 @@ from training_helpers import FlakyProxy, assert_matches_clean, at_step, kill_whe
 
 pytestmark = pytest.mark.slow
 KEY = {"DIP_SCALE_CHECKPOINT_KEY": "a-secret-from-a-kubernetes-secret"}
-SOURCE_END, TARGET = 30, 40  # sources stop at 30 (checkpoints 10, 20, 30); the cases continue to 40
+SOURCE_END, TARGET = 30, 40  # sources stop at 30 (checkpoints 10, 20, 30); the cases restart their
+# command (to 30), the extended rerun continues to 40
 
 
 class Planted:
@@ -188,8 +189,9 @@ def _case(backend: str, name: str, local_source, s3_source, tmp_path) -> tuple[F
 
 
 def _resume(folder: Folder, run_dir: Path, tiny_mds, tmp_path, env: dict, key: bool = True):
+    """The source's own command again (what a restarted pod runs)."""
     env = env_with_repo_on_path(**env, **(KEY if key else {}))
-    proc = launch(tiny_overrides(tiny_mds, run_dir, folder.url, **{"trainer.max_duration": f"{TARGET}ba"}), cwd=tmp_path, env=env, log="resume")
+    proc = launch(tiny_overrides(tiny_mds, run_dir, folder.url, **{"trainer.max_duration": f"{SOURCE_END}ba"}), cwd=tmp_path, env=env, log="resume")
     return wait(proc, 600), (tmp_path / "resume.launcher.log").read_text() + "".join(p.read_text() for p in tmp_path.glob("resume-rank*.err"))
 
 
@@ -206,8 +208,8 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_previous_complete_one_used
     """No `latest` pointer (a hint only: the restart lists the folder) and the newest step's rank-1
     tar cut short: the cut is reported by name and the run continues exactly from step 20."""
     folder, run_dir, env = _case(backend, "truncated", local_source, s3_source, tmp_path)
-    for name in folder.names():
-        if name.startswith("latest-rank"):
+    for name in folder.names():  # and the newest EMA export gone: the one compared below is the restart's
+        if name.startswith("latest-rank") or (name.startswith("ema/") and name.endswith(f"-ba{SOURCE_END}.safetensors")):
             folder.delete(name)
     name = folder.tar(SOURCE_END, 1)
     folder.write(name, folder.read(name)[:50_000])
@@ -215,7 +217,7 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_previous_complete_one_used
     assert rc == 0, out
     assert name in out and "cut short" in out  # reported by name
     assert "resuming from" in out and "-ba20" in out.split("resuming from")[1].splitlines()[0]
-    assert_matches_clean(clean_run, run_dir, _final_ema(folder, TARGET), 20, last=TARGET)
+    assert_matches_clean(clean_run, run_dir, _final_ema(folder, SOURCE_END), 20, last=SOURCE_END)  # step 30 retrained
 
 
 def test_a_tar_member_outside_the_checkpoint_is_refused(local_source, tiny_mds, tmp_path):
