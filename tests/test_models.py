@@ -175,7 +175,7 @@ def test_tiny_model_overfits_a_fixed_batch():
     y = torch.arange(4)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
-    for _ in range(300):
+    for _ in range(200):  # measured: the loss falls ~25x in 200 steps, ~70x in 300
         loss = objective(model, x0, y, generator=torch.Generator().manual_seed(0))["total"]
         opt.zero_grad()
         loss.backward()
