@@ -116,7 +116,7 @@ def build(cfg: ExperimentConfig, rt: Runtime) -> Run:
     from dip_scale.models.summary import encoder_macs_per_image, trained_macs_per_image
     from dip_scale.training.callbacks import MetricsJSONL, NonFiniteGuard, RunConfig, SampleGrid
     from dip_scale.training.checkpoint import record_step, resolve_resume
-    from dip_scale.training.composer_internals import RestoreRNG
+    from dip_scale.training.composer_internals import RestoreRNG, cpu_model_from_proc
     from dip_scale.training.composer_model import DiPComposerModel, TrainingStep
     from dip_scale.training.deepspeed import precision_for, skip_cpu_shm_op
     from dip_scale.training.ema import EMA
@@ -206,6 +206,7 @@ def build(cfg: ExperimentConfig, rt: Runtime) -> Run:
 
         callbacks.append(_checkpoint_saver(cfg, on_saved))
     skip_cpu_shm_op()
+    cpu_model_from_proc()
     bar = t.progress_bar if t.progress_bar is not None else sys.stderr.isatty()
     trainer = Trainer(
         model=composer_model,
