@@ -59,9 +59,10 @@ def _assert_ema_close(a: dict, b: dict) -> None:
 
 def test_zero2_two_processes_to_one_compiled(clean_run, tiny_mds, tmp_path):
     """The reference run's checkpoint at MID continued on 1 process with the model compiled
-    (torch.compile of each trunk block, inductor, in place: the parameter names of eager and compiled checkpoints are
-    the same): the same samples, losses and EMA as the eager 2-process run to reduction-order
-    tolerance, and an EMA export that loads as a plain model. One process: one cold CPU compile."""
+    (torch.compile of each trunk block, inductor, in place: the parameter names of eager and
+    compiled checkpoints are the same): the same samples, losses and EMA as the eager 2-process
+    run to reduction-order tolerance, and an EMA export that loads as a plain model. One
+    process: one cold CPU compile."""
     from dip_scale.models.export import read_model_file
 
     copy_run_until(clean_run["ckpt"], clean_run["run"], tmp_path, MID)
