@@ -154,8 +154,10 @@ def s3_source(tiny_mds, tmp_path_factory, s3_server):
     root = tmp_path_factory.mktemp("source-s3")
     proxy = FlakyProxy(int(s3_server["endpoint"].rsplit(":", 1)[1]))
     flaky = f"http://127.0.0.1:{proxy.port}"
+    (root / "tmp").mkdir()
     proc = launch(tiny_overrides(tiny_mds, root / "run", f"s3://{bucket}/source", **{"trainer.max_duration": f"{SOURCE_END}ba"}),
-                  cwd=root, env=env_with_repo_on_path(**{**env, **KEY, "S3_ENDPOINT_URL": flaky, "AWS_ENDPOINT_URL": flaky}))
+                  cwd=root, env=env_with_repo_on_path(**{**env, **KEY, "S3_ENDPOINT_URL": flaky, "AWS_ENDPOINT_URL": flaky,
+                                                         "TMPDIR": str(root / "tmp")}))
     assert proxy.upload_seen.wait(300), logs(root)
     proxy.outage(4.0)
     assert wait(proc, 600) == 0, logs(root)
@@ -164,7 +166,8 @@ def s3_source(tiny_mds, tmp_path_factory, s3_server):
 
 def test_an_s3_outage_during_a_checkpoint_upload_loses_nothing(s3_source):
     """The run retried through refused connections and finished; the last checkpoint has every
-    rank's tar complete on S3 and each checkpoint its EMA export (the cases below resume from them)."""
+    rank's tar complete on S3 and each checkpoint its EMA export (the cases below resume from them).
+    The checkpoints' local staging copies are gone from the machine's temp folder."""
     assert s3_source["dropped"] > 0  # it really met refused connections
     folder = Folder(f"s3://{s3_source['s3']['bucket']}/source", s3_source["s3"])
     assert sorted(losses(s3_source["root"] / "run")) == list(range(1, SOURCE_END + 1))
@@ -174,6 +177,7 @@ def test_an_s3_outage_during_a_checkpoint_upload_loses_nothing(s3_source):
         with tarfile.open(fileobj=io.BytesIO(folder.read(folder.tar(SOURCE_END, r)))) as t:
             assert t.getmembers()
     assert all(_final_ema(folder, step) for step in range(10, SOURCE_END + 1, 10))
+    assert not [p for p in (s3_source["root"] / "tmp").rglob("*") if p.is_file() and ".tar" in p.name]
 
 
 def _case(backend: str, name: str, local_source, s3_source, tmp_path) -> tuple[Folder, Path, dict]:

@@ -3,6 +3,9 @@ breaks without it. Check them first when moving to another Composer version."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 from composer.callbacks import CheckpointSaver
 from composer.core import Callback, State
@@ -22,12 +25,16 @@ class RecordingCheckpointSaver(CheckpointSaver):
     `checkpoint._save_deepspeed_model` extracts a tar already at the target path into the new
     checkpoint before writing it (to "append"); on ranks other than 0 that is a leftover of an
     earlier attempt at this step (e.g. the damaged tar a resume fell back past), which would be
-    merged into, or crash, the new save. It is removed first."""
+    merged into, or crash, the new save. It is removed first. And: for a remote folder the saver
+    writes each tar into a `tempfile.mkdtemp()` staging folder before uploading it and never
+    removes that folder: every run (every restart) would leave its newest checkpoint in TMPDIR.
+    It is removed at close, after the uploads have finished."""
 
-    def __init__(self, *args, on_saved, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, folder: str, *, on_saved, **kwargs):
+        super().__init__(folder, **kwargs)
         self.on_saved = on_saved
         self._symlink_upload_wait_before_next_try_in_seconds = 1.0
+        self._staging = _staging_root(folder, self.folder)
 
     def _save_checkpoint(self, state: State, logger: Logger):
         target = self.filename.format(state, True)
@@ -36,6 +43,26 @@ class RecordingCheckpointSaver(CheckpointSaver):
         super()._save_checkpoint(state, logger)
         if self.saved_checkpoints:
             self.on_saved(state, self.saved_checkpoints[-1])
+
+    def post_close(self):
+        super().post_close()  # waits for the uploads
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+
+
+def _staging_root(folder: str, local_folder: str) -> str | None:
+    """The mkdtemp() folder CheckpointSaver.__init__ put `local_folder` in (remote `folder`s
+    only), or None. Only a folder directly in TMPDIR is ever named, whatever the path was."""
+    from composer.utils import parse_uri
+
+    backend, _, path = parse_uri(folder)
+    if not backend:
+        return None
+    root = Path(local_folder)
+    for _ in Path(path or ".").parts:
+        root = root.parent
+    ok = root.parent == Path(tempfile.gettempdir()) and root.name.startswith("tmp")
+    return str(root) if ok else None
 
 
 class RestoreRNG(Callback):
