@@ -14,8 +14,10 @@ The whole-pass ratio (all metrics / FID only) is what the issue bounds at 1.1.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -61,7 +63,9 @@ def main(argv=None) -> int:
     if inception is None:  # the offline stand-in with the real network's layout (timings of its size, not Inception's)
         from dip_scale.eval.standin_inception import write
 
-        inception = write(os.path.join(tempfile.mkdtemp(prefix="bench-eval-"), "inception-2015-12-05.pt"))
+        scratch = tempfile.mkdtemp(prefix="bench-eval-")
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+        inception = write(os.path.join(scratch, "inception-2015-12-05.pt"))
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.samples, args.size, args.size, 3), dtype=np.uint8)
     batches = [images[i : i + args.batch] for i in range(0, args.samples, args.batch)]

@@ -18,9 +18,11 @@ H100/H200-class GPU).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import resource
+import shutil
 import socket
 import statistics
 import sys
@@ -220,7 +222,7 @@ def main(argv=None) -> int:
     ap.add_argument("--peak-flops", type=float, default=989e12, help="per-device dense bf16 peak (H100 SXM: 989e12)")
     ap.add_argument("--data", default=None, help="MDS shards (converter output) for the loader row; default: demo shards")
     ap.add_argument("--inception", default=None, help="inception-2015-12-05.pt for the features row; default: a stand-in")
-    ap.add_argument("--workdir", default=None, help="where the offline stand-ins are built (default: a temp folder)")
+    ap.add_argument("--workdir", default=None, help="where the offline stand-ins are built, kept for the next run (default: a temp folder, removed at exit)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides of the benchmarked model, "
                     "e.g. model.preset=L/16 model.image_size=512 (validated like the trainer's)")
@@ -242,6 +244,8 @@ def main(argv=None) -> int:
         except ValueError:
             ap.error(f"--batches {args.batches!r}: comma-separated integers, e.g. 32,64")
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench-gpu-")
+    if not args.workdir:
+        atexit.register(shutil.rmtree, workdir, ignore_errors=True)
     os.makedirs(workdir, exist_ok=True)
     need_demo = args.data is None or args.inception is None
     demo_mds, demo_inception = _demo_inputs(workdir) if need_demo else (None, None)
