@@ -19,6 +19,15 @@ if ! "$py" -c 'import sys; sys.exit(0 if (3, 10) <= sys.version_info[:2] < (3, 1
   exit 1
 fi
 
+# A first install needs ~7 GB in the venv (torch's CUDA build and its nvidia-* wheels) plus the
+# wheels pip unpacks in TMPDIR: a full disk otherwise shows up minutes later as pip's OSError.
+need_gib=8
+free_gib=$(df -Pk "$root" | awk 'NR==2 {print int($4 / 1048576)}')
+if [ ! -x "$venv/bin/python" ] && [ "$free_gib" -lt "$need_gib" ]; then
+  echo "setup_venv: $free_gib GiB free on the disk of $root; installing into .venv needs about $need_gib GiB (torch 2.5.1's CUDA build). Free space there and run again." >&2
+  exit 1
+fi
+
 echo "setup_venv: installing the pinned stack into $venv (first time: a few minutes, ~6.5 GB: torch 2.5.1 from PyPI is the CUDA build)" >&2
 start=$(date +%s)
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
