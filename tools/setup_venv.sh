@@ -28,7 +28,7 @@ if [ ! -x "$venv/bin/python" ] && [ "$free_gib" -lt "$need_gib" ]; then
   exit 1
 fi
 
-echo "setup_venv: installing the pinned stack into $venv (first time: a few minutes, ~6.5 GB: torch 2.5.1 from PyPI is the CUDA build)" >&2
+echo "setup_venv: installing the pinned stack into $venv (first time: a few minutes, ~6.8 GB: torch 2.5.1 from PyPI is the CUDA build)" >&2
 start=$(date +%s)
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip setuptools wheel
